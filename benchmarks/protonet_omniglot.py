@@ -1,0 +1,64 @@
+"""ProtoNet on real Omniglot: train the paper's 1-shot and 5-shot models, test on 5- and 20-way episodes.
+
+Snell et al. 2017 train with 60-way episodes and the test shot, so the 5-way and 20-way results of a
+shot come from the same training run; here too. Prints a markdown table to paste in RESULTS.md.
+
+    python benchmarks/protonet_omniglot.py --root ../shared/data/omniglot --epochs 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from lightning_meta.cli import make_cli
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "protonet"
+PUBLISHED = {(5, 1): 98.8, (5, 5): 99.7, (20, 1): 96.0, (20, 5): 98.9}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--root", required=True)
+    parser.add_argument("--cache_dir", default=None)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--test_episodes", type=int, default=1000)
+    parser.add_argument("--shots", type=int, nargs="+", default=[1, 5])
+    parser.add_argument("--log_dir", default="lightning_logs/benchmarks")
+    args = parser.parse_args()
+    data = ["--data.root", args.root] + (["--data.cache_dir", args.cache_dir] if args.cache_dir else [])
+    logger = ["--trainer.logger.init_args.save_dir", args.log_dir, "--trainer.enable_progress_bar", "false"]
+    rows = []
+    for shots in args.shots:
+        start = time.perf_counter()
+        fit = make_cli(
+            ["fit", "--config", str(CONFIGS / f"omniglot_5w{shots}s.yaml"), *data, *logger,
+             "--trainer.max_epochs", str(args.epochs)]
+        )  # fmt: skip
+        train_s = time.perf_counter() - start
+        best = fit.trainer.checkpoint_callback.best_model_path
+        for ways in (5, 20):
+            start = time.perf_counter()
+            test = make_cli(
+                ["test", "--config", str(CONFIGS / f"omniglot_{ways}w{shots}s.yaml"), *data, *logger,
+                 "--data.test_episodes", str(args.test_episodes), "--ckpt_path", best]
+            )  # fmt: skip
+            m = test.trainer.callback_metrics
+            rows.append(
+                f"| {ways}-way {shots}-shot | {100 * m['test/acc'].item():.2f} ± {100 * m['test/acc_ci95'].item():.2f} "
+                f"| {PUBLISHED[(ways, shots)]} | {args.epochs} epochs x 100 episodes, {train_s / 60:.1f} min "
+                f"| {time.perf_counter() - start:.0f} s |"
+            )
+            print(rows[-1], flush=True)
+    print(f"\nMachine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print("| setting | test acc % (95% CI) | Snell et al. 2017 | training (wall) | test (wall) |")
+    print("|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

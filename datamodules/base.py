@@ -1,0 +1,212 @@
+"""EpisodicDataModule: the base of every bundle."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+
+from .episodes import SPLITS, ClassEpisodeSampler, ClassImages, EpisodeBatch, EpisodeStream, TaskSource
+
+_STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+
+
+class EpisodeLoader(DataLoader):
+    """A DataLoader over an :class:`EpisodeStream` that tells the stream the current epoch.
+
+    The epoch is read when iteration starts, so each epoch draws new training episodes while a
+    resumed run redraws the same ones. Workers are not kept alive between epochs, because a
+    persistent worker would keep a stale copy of the epoch.
+    """
+
+    def __init__(self, stream: EpisodeStream, num_workers: int, epoch: Callable[[], int] | None = None) -> None:
+        super().__init__(
+            stream,
+            batch_size=None,
+            num_workers=num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=False,
+        )
+        self._epoch = epoch
+
+    def __iter__(self) -> Iterator[Any]:
+        if self._epoch is not None:
+            self.dataset.epoch = self._epoch()  # type: ignore[attr-defined]
+        return super().__iter__()
+
+
+class EpisodicDataModule(pl.LightningDataModule):
+    """Base LightningDataModule that yields batches of N-way K-shot episodes (:class:`EpisodeBatch`).
+
+    A bundle implements :meth:`load_split` (class-indexed uint8 images) or, for data that is not
+    class-indexed, :meth:`make_source`. Everything else (validation of the episode settings,
+    seeding, DDP sharding, DataLoaders, the uint8-to-float step on the device) lives here.
+
+    Args:
+        ways: classes per episode (N) for validation and test, and for training unless ``train_ways``.
+        shots: labelled support examples per class (K).
+        queries: query examples per class (Q).
+        tasks_per_batch: episodes per batch (the meta-batch size).
+        train_episodes: training episodes per epoch, over all processes.
+        val_episodes: validation episodes per epoch (the same ones every epoch).
+        test_episodes: test episodes.
+        train_ways: ways for training episodes only (e.g. 60 as in Snell et al. 2017).
+        train_shots: shots for training episodes only.
+        train_queries: queries for training episodes only.
+        seed: fixes the validation and test episodes, and with the epoch and rank the training ones.
+        num_workers: DataLoader worker processes (sampling is vectorised; 0 is often fastest).
+    """
+
+    #: "classification" (integer labels) or "regression" (float targets); picks the checkpoint metric.
+    task: str = "classification"
+
+    def __init__(
+        self,
+        ways: int = 5,
+        shots: int = 1,
+        queries: int = 15,
+        tasks_per_batch: int = 1,
+        train_episodes: int = 100,
+        val_episodes: int = 100,
+        test_episodes: int = 1000,
+        train_ways: int | None = None,
+        train_shots: int | None = None,
+        train_queries: int | None = None,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        positive = {
+            "ways": ways,
+            "shots": shots,
+            "queries": queries,
+            "tasks_per_batch": tasks_per_batch,
+            "train_episodes": train_episodes,
+            "val_episodes": val_episodes,
+            "test_episodes": test_episodes,
+            "train_ways": train_ways,
+            "train_shots": train_shots,
+            "train_queries": train_queries,
+        }
+        for name, value in positive.items():
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        if num_workers < 0:
+            raise ValueError(f"num_workers={num_workers} must be >= 0")
+        self.ways, self.shots, self.queries = ways, shots, queries
+        self.tasks_per_batch = tasks_per_batch
+        self.episodes = {"train": train_episodes, "val": val_episodes, "test": test_episodes}
+        self.train_ways, self.train_shots, self.train_queries = train_ways, train_shots, train_queries
+        self.seed, self.num_workers = seed, num_workers
+        self.streams: dict[str, EpisodeStream] = {}
+
+    # ----------------------------------------------------------------- hooks for bundles
+    def load_split(self, split: str) -> ClassImages:
+        """Return the class-indexed uint8 images of ``split`` ('train', 'val' or 'test').
+
+        Called from :meth:`setup` on every process; cache expensive work in :meth:`prepare_data`.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement load_split() or make_source()")
+
+    def make_source(self, split: str) -> TaskSource:
+        """Return what draws the episodes of ``split``; by default a sampler over :meth:`load_split`."""
+        ways, shots, queries = self.episode_shape(split)
+        data = self.load_split(split)
+        self.check_split(split, data)
+        return ClassEpisodeSampler(data, ways, shots, queries)
+
+    # ----------------------------------------------------------------- shared machinery
+    def episode_shape(self, split: str) -> tuple[int, int, int]:
+        """``(ways, shots, queries)`` of the episodes of ``split``."""
+        if split == "train":
+            return (
+                self.train_ways or self.ways,
+                self.train_shots or self.shots,
+                self.train_queries or self.queries,
+            )
+        return self.ways, self.shots, self.queries
+
+    def _param(self, split: str, name: str) -> str:
+        return f"train_{name}" if split == "train" and getattr(self, f"train_{name}") is not None else name
+
+    def check_split(self, split: str, data: ClassImages) -> None:
+        """Raise a clear ValueError when the episode settings do not fit the data of ``split``."""
+        ways, shots, queries = self.episode_shape(split)
+        name = type(self).__name__
+        if ways > data.num_classes:
+            raise ValueError(
+                f"{self._param(split, 'ways')}={ways} but the '{split}' split of {name} has "
+                f"{data.num_classes} classes; lower {self._param(split, 'ways')} or add classes"
+            )
+        counts = data.counts
+        smallest = int(counts.argmin())
+        if shots + queries > counts[smallest]:
+            raise ValueError(
+                f"{self._param(split, 'shots')} + {self._param(split, 'queries')} = {shots} + {queries} = "
+                f"{shots + queries} but class '{data.names[smallest]}' of the '{split}' split of {name} "
+                f"has only {int(counts[smallest])} examples; lower shots or queries"
+            )
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def setup(self, stage: str) -> None:
+        """Build the episode streams of the splits that ``stage`` needs."""
+        rank, world = self._rank_and_world()
+        for split in _STAGE_SPLITS[stage]:
+            if split in self.streams and (self.streams[split].rank, self.streams[split].world_size) == (
+                rank,
+                world,
+            ):
+                continue
+            self.streams[split] = EpisodeStream(
+                self.make_source(split),
+                split,
+                self.episodes[split],
+                self.tasks_per_batch,
+                self.seed,
+                rank,
+                world,
+            )
+
+    def _loader(self, split: str) -> EpisodeLoader:
+        if split not in self.streams:
+            self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
+        epoch = None
+        if split == "train":
+            epoch = lambda: self.trainer.current_epoch if self.trainer is not None else 0  # noqa: E731
+        return EpisodeLoader(self.streams[split], self.num_workers, epoch)
+
+    def train_dataloader(self) -> EpisodeLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> EpisodeLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> EpisodeLoader:
+        return self._loader("test")
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Turn uint8 images into floats in [0, 1] on the device (4x less to copy than floats)."""
+        if isinstance(batch, EpisodeBatch) and batch.support_x.dtype == torch.uint8:
+            return EpisodeBatch(
+                self.transform_images(batch.support_x),
+                batch.support_y,
+                self.transform_images(batch.query_x),
+                batch.query_y,
+            )
+        return batch
+
+    def transform_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Map a uint8 image batch to model input; override for normalisation."""
+        return images.float().div_(255)
+
+
+__all__ = ["EpisodicDataModule", "EpisodeLoader", "SPLITS"]

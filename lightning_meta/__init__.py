@@ -1,0 +1,9 @@
+"""lightning-meta: few-shot meta-learning algorithms as PyTorch Lightning modules."""
+
+from .base import EpisodicModule
+from .maml import MAML
+from .models import MLP, Conv4
+from .protonet import ProtoNet
+
+__all__ = ["MAML", "MLP", "Conv4", "EpisodicModule", "ProtoNet"]
+__version__ = "0.1.0"

@@ -1,0 +1,103 @@
+"""Backbones: plain ``nn.Module``s that the algorithms wrap."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+
+class Conv4(nn.Module):
+    """The 4-block convolutional backbone of the few-shot papers (Vinyals et al. 2016, Snell et al. 2017).
+
+    Each block is a 3x3 convolution with ``hidden`` filters, batch norm and ReLU, followed by 2x2
+    max-pooling (``pooling="max"``), or with the convolution at stride 2 and no pooling
+    (``pooling="stride"``, the MAML paper's Omniglot network; the final map is averaged over space).
+
+    Inputs may have extra leading dimensions (``[..., C, H, W]``, e.g. ``[tasks, shots, C, H, W]``);
+    they are kept in the output ``[..., features]``.
+
+    Args:
+        in_channels: image channels (1 for Omniglot, 3 for ImageNet-like data).
+        hidden: filters per block (64 in the papers, 32 for MAML on mini-ImageNet).
+        image_size: input side, to compute the embedding size.
+        out_features: if set, a linear head to this many outputs (MAML's classifier); else the
+            flattened embedding is returned (ProtoNet, Matching Networks).
+        pooling: "max" or "stride", see above.
+        track_running_stats: keep batch-norm running statistics for evaluation (ProtoNet); MAML
+            sets False so every task is normalised with its own batch statistics, as in the paper.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        hidden: int = 64,
+        image_size: int = 28,
+        out_features: int | None = None,
+        pooling: Literal["max", "stride"] = "max",
+        track_running_stats: bool = True,
+    ) -> None:
+        super().__init__()
+        if pooling not in ("max", "stride"):
+            raise ValueError(f"pooling={pooling!r} must be 'max' or 'stride'")
+        layers: list[nn.Module] = []
+        channels, size = in_channels, image_size
+        for _ in range(4):
+            stride = 2 if pooling == "stride" else 1
+            layers += [
+                nn.Conv2d(channels, hidden, 3, stride=stride, padding=1),
+                nn.BatchNorm2d(hidden, track_running_stats=track_running_stats),
+                nn.ReLU(inplace=True),
+            ]
+            if pooling == "max":
+                layers.append(nn.MaxPool2d(2))
+                size //= 2
+            else:
+                size = (size + 1) // 2
+            channels = hidden
+        if size < 1:
+            raise ValueError(f"image_size={image_size} is too small for four downsampling blocks")
+        self.features = nn.Sequential(*layers)
+        self.pooling = pooling
+        self.embedding_dim = hidden if pooling == "stride" else hidden * size * size
+        self.head = nn.Linear(self.embedding_dim, out_features) if out_features else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-3]
+        h = self.features(x.reshape(-1, *x.shape[-3:]))
+        h = h.mean(dim=(2, 3)) if self.pooling == "stride" else h.flatten(1)
+        if self.head is not None:
+            h = self.head(h)
+        return h.reshape(*lead, h.shape[-1])
+
+
+def to_channels_last(x: Tensor) -> Tensor:
+    """Return ``[..., C, H, W]`` images in channels-last memory format (faster convs under bf16 on CPU and GPU)."""
+    if x.dim() < 4:
+        return x
+    flat = x.reshape(-1, *x.shape[-3:]).contiguous(memory_format=torch.channels_last)
+    return flat.view(*x.shape[:-3], *x.shape[-3:]) if x.dim() > 4 else flat
+
+
+class MLP(nn.Module):
+    """A ReLU multilayer perceptron; the default is the MAML paper's sinusoid regressor (1-40-40-1).
+
+    Args:
+        in_features: input size.
+        hidden: sizes of the hidden layers.
+        out_features: output size.
+    """
+
+    def __init__(self, in_features: int = 1, hidden: tuple[int, ...] = (40, 40), out_features: int = 1) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        size = in_features
+        for width in hidden:
+            layers += [nn.Linear(size, width), nn.ReLU()]
+            size = width
+        layers.append(nn.Linear(size, out_features))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)

@@ -1,0 +1,111 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_meta.cli import main, make_cli
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+
+
+def data_args(config: Path, omniglot_cache) -> list[str]:
+    data = yaml.safe_load(config.read_text())["data"]
+    if data["class_path"].split(".")[-1] == "Omniglot":
+        return ["--data.root", omniglot_cache["root"], "--data.cache_dir", omniglot_cache["cache_dir"]]
+    return []
+
+
+def scalars(log_dir: Path) -> dict[str, list[float]]:
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(REPO / "configs")))
+def test_every_config_runs_fast_dev_run(config, omniglot_cache, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = make_cli(["fit", "--config", str(config), "--trainer.fast_dev_run", "1", *data_args(config, omniglot_cache)])
+    assert cli.trainer.state.finished
+    assert "train/loss" in cli.trainer.callback_metrics
+
+
+def test_fit_writes_tensorboard_and_test_best_reports_ci(omniglot_cache, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = REPO / "configs" / "protonet" / "omniglot_5w1s.yaml"
+    common = ["--config", str(config), *data_args(config, omniglot_cache), "--data.train_ways", "5"]
+    common += [
+        "--data.val_episodes",
+        "8",
+        "--data.test_episodes",
+        "30",
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
+    main(
+        [
+            "fit",
+            *common,
+            "--trainer.max_epochs",
+            "2",
+            "--trainer.limit_train_batches",
+            "3",
+            "--trainer.log_every_n_steps",
+            "1",
+        ]
+    )
+    run = tmp_path / "lightning_logs" / "protonet_omniglot_5w1s" / "version_0"
+    tags = scalars(run)
+    assert {"train/loss", "train/acc", "val/acc", "val/loss"} <= set(tags)
+    assert len(tags["val/acc"]) == 2 and all(0 <= v <= 1 for v in tags["val/acc"])
+    hparams = yaml.safe_load((run / "hparams.yaml").read_text())
+    assert hparams["distance"] == "euclidean" and hparams["ways"] == 5 and hparams["train_ways"] == 5
+    assert len(list((run / "checkpoints").glob("best-*.ckpt"))) == 1
+
+    cli = make_cli(["test", *common, "--ckpt_path", "best"])
+    test_run = tmp_path / "lightning_logs" / "protonet_omniglot_5w1s" / "version_1"
+    tags = scalars(test_run)
+    assert {"test/acc", "test/acc_ci95", "test/loss"} <= set(tags)
+    assert 0 < tags["test/acc_ci95"][0] < 0.2
+    assert cli.trainer.ckpt_path.endswith(".ckpt") and "best-" in cli.trainer.ckpt_path
+
+
+def test_test_best_without_a_previous_fit_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="run `lightning-meta fit`"):
+        main(["test", "--config", str(REPO / "configs" / "maml" / "sinusoid.yaml"), "--ckpt_path", "best"])
+
+
+def test_wrong_key_names_the_key(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "fit",
+                "--config",
+                str(REPO / "configs" / "maml" / "sinusoid.yaml"),
+                "--model.init_args.inner_lrr",
+                "0.1",
+            ]
+        )
+    assert "inner_lrr" in capsys.readouterr().err
+
+
+def test_short_class_names_on_the_command_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = make_cli(
+        ["fit", "--model", "MAML", "--model.backbone", "lightning_meta.MLP", "--data", "Sinusoid",
+         "--data.tasks_per_batch", "2", "--trainer.fast_dev_run", "1"]
+    )  # fmt: skip
+    assert type(cli.model).__name__ == "MAML" and type(cli.datamodule).__name__ == "Sinusoid"
+
+
+def test_module_entry_point_and_console_script_help():
+    out = subprocess.run([sys.executable, "-m", "lightning_meta", "--help"], capture_output=True, text=True, check=True)
+    assert "fit" in out.stdout and "test" in out.stdout
+    script = Path(sys.executable).parent / "lightning-meta"
+    out = subprocess.run([str(script), "fit", "--help"], capture_output=True, text=True, check=True)
+    assert "--data" in out.stdout and "--model" in out.stdout

@@ -1,0 +1,85 @@
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+
+from datamodules import EpisodeBatch, Omniglot
+from lightning_meta import Conv4, ProtoNet
+
+
+def random_batch(tasks=2, ways=3, shots=2, queries=4, dim=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return EpisodeBatch(
+        torch.randn(tasks, ways * shots, dim, generator=g),
+        torch.arange(ways).repeat_interleave(shots).expand(tasks, -1),
+        torch.randn(tasks, ways * queries, dim, generator=g),
+        torch.arange(ways).repeat_interleave(queries).expand(tasks, -1),
+    )
+
+
+def test_logits_are_negative_squared_distances_to_class_means():
+    batch = random_batch()
+    model = ProtoNet(backbone=nn.Identity())
+    logits = model.episode_logits(batch)
+    prototypes = batch.support_x.view(2, 3, 2, 5).mean(2)
+    expected = -torch.cdist(batch.query_x, prototypes).square()
+    assert logits.shape == (2, 12, 3)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_cosine_distance():
+    batch = random_batch()
+    model = ProtoNet(backbone=nn.Identity(), distance="cosine", cosine_scale=3.0)
+    prototypes = batch.support_x.view(2, 3, 2, 5).mean(2)
+    expected = 3.0 * torch.nn.functional.cosine_similarity(batch.query_x.unsqueeze(2), prototypes.unsqueeze(1), dim=-1)
+    torch.testing.assert_close(model.episode_logits(batch), expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="distance='manhattan'"):
+        ProtoNet(distance="manhattan")
+
+
+def test_plain_tuple_gives_same_loss_as_episode_batch():
+    batch = random_batch(dim=28 * 28)
+    images = EpisodeBatch(
+        batch.support_x.view(2, 6, 1, 28, 28),
+        batch.support_y,
+        batch.query_x.view(2, 12, 1, 28, 28),
+        batch.query_y,
+    )
+    model = ProtoNet().eval()
+    with torch.no_grad():
+        a = model.training_step(images, 0)
+        b = model.training_step(tuple(images), 0)
+    torch.testing.assert_close(a, b)
+
+
+def test_bf16_autocast_loss_matches_fp32():
+    batch = random_batch(dim=28 * 28, ways=5, shots=1, queries=5, seed=3)
+    images = EpisodeBatch(
+        batch.support_x.view(2, 5, 1, 28, 28).sigmoid(),
+        batch.support_y,
+        batch.query_x.view(2, 25, 1, 28, 28).sigmoid(),
+        batch.query_y,
+    )
+    torch.manual_seed(0)
+    model = ProtoNet(backbone=Conv4())
+    fp32, _ = model.episode_loss(images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16, _ = model.episode_loss(images)
+    torch.testing.assert_close(bf16, fp32, rtol=0.05, atol=0.05)
+
+
+def test_protonet_learns_real_omniglot_5w1s(omniglot_cache, tmp_path):
+    """A short CPU run must pass 90% validation accuracy on 5-way 1-shot (chance: 20%)."""
+    pl.seed_everything(0)
+    dm = Omniglot(
+        root=omniglot_cache["root"], cache_dir=omniglot_cache["cache_dir"], ways=5, shots=1, queries=15,
+        train_ways=20, train_queries=5, train_episodes=400, val_episodes=200,
+    )  # fmt: skip
+    model = ProtoNet()
+    trainer = pl.Trainer(
+        max_epochs=1, precision="bf16-mixed", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(model, dm)
+    accuracy = trainer.callback_metrics["val/acc"].item()
+    assert accuracy >= 0.90, accuracy
