@@ -54,7 +54,8 @@ def main() -> None:
                 f"| {time.perf_counter() - start:.0f} s |"
             )
             print(rows[-1], flush=True)
-    print(f"\nMachine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    machine = platform.processor() or platform.machine()
+    print(f"\nMachine: {machine}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print("| setting | test acc % (95% CI) | Snell et al. 2017 | training (wall) | test (wall) |")
     print("|---|---|---|---|---|")
     print("\n".join(rows))

@@ -8,6 +8,31 @@ import torch
 from torch import Tensor, nn
 
 
+class TaskBatchNorm2d(nn.Module):
+    """Batch norm that always normalises with the statistics of the batch it is given (no running stats).
+
+    This is MAML's transductive batch norm: each task is normalised by its own support or query
+    batch. It is written with ``torch.var_mean`` because ``F.batch_norm`` inside ``torch.func.vmap``
+    gives wrong second-order gradients (torch 2.14); statistics are taken in float32 under autocast.
+
+    Args:
+        num_features: channels.
+        eps: added to the variance, as in ``nn.BatchNorm2d``.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        var, mean = torch.var_mean(x32, dim=(0, 2, 3), keepdim=True, correction=0)
+        y = (x32 - mean) * torch.rsqrt(var + self.eps)
+        return (y * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)).to(x.dtype)
+
+
 class Conv4(nn.Module):
     """The 4-block convolutional backbone of the few-shot papers (Vinyals et al. 2016, Snell et al. 2017).
 
@@ -25,8 +50,9 @@ class Conv4(nn.Module):
         out_features: if set, a linear head to this many outputs (MAML's classifier); else the
             flattened embedding is returned (ProtoNet, Matching Networks).
         pooling: "max" or "stride", see above.
-        track_running_stats: keep batch-norm running statistics for evaluation (ProtoNet); MAML
-            sets False so every task is normalised with its own batch statistics, as in the paper.
+        track_running_stats: keep batch-norm running statistics for evaluation (ProtoNet). With
+            False every batch is normalised with its own statistics (:class:`TaskBatchNorm2d`), as
+            MAML does; use False for MAML and Reptile.
     """
 
     def __init__(
@@ -47,7 +73,7 @@ class Conv4(nn.Module):
             stride = 2 if pooling == "stride" else 1
             layers += [
                 nn.Conv2d(channels, hidden, 3, stride=stride, padding=1),
-                nn.BatchNorm2d(hidden, track_running_stats=track_running_stats),
+                nn.BatchNorm2d(hidden) if track_running_stats else TaskBatchNorm2d(hidden),
                 nn.ReLU(inplace=True),
             ]
             if pooling == "max":

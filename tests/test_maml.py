@@ -75,3 +75,75 @@ def test_maml_learns_sinusoid(tmp_path):
     trainer.fit(model, dm)
     final = trainer.callback_metrics["val/loss"].item()
     assert final < 0.4 * initial, (initial, final)  # no adaptation cannot go below ~0.7x
+
+
+def image_batch(tasks=3, ways=5, shots=1, queries=2, size=28, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return EpisodeBatch(
+        torch.rand(tasks, ways * shots, 1, size, size, generator=g, dtype=dtype),
+        torch.arange(ways).repeat_interleave(shots).expand(tasks, -1),
+        torch.rand(tasks, ways * queries, 1, size, size, generator=g, dtype=dtype),
+        torch.arange(ways).repeat_interleave(queries).expand(tasks, -1),
+    )
+
+
+def meta_gradient(model, batch):
+    model.zero_grad()
+    model.episode_loss(batch)[0].mean().backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("steps", [1, 3])
+def test_vmap_and_loop_give_the_same_meta_gradient(first_order, steps):
+    torch.manual_seed(0)
+    backbone = Conv4(pooling="stride", out_features=5, track_running_stats=False).double()
+    batch = image_batch(dtype=torch.float64)
+    grads = {}
+    for mode in ("loop", "vmap"):
+        model = MAML(backbone, inner_lr=0.4, inner_steps=steps, first_order=first_order, task_batching=mode)
+        grads[mode] = meta_gradient(model.double(), batch)
+    rel = (grads["loop"] - grads["vmap"]).norm() / grads["loop"].norm()
+    assert rel < 1e-10, rel
+
+
+@pytest.mark.parametrize("learn_inner_lr, shape", [(True, ()), ("element", (64, 1, 3, 3))])
+def test_meta_sgd_learns_step_sizes(learn_inner_lr, shape):
+    torch.manual_seed(0)
+    model = MAML(Conv4(pooling="stride", out_features=5, track_running_stats=False), learn_inner_lr=learn_inner_lr)
+    lr = model.inner_lrs["features/0/weight"]
+    assert lr.shape == shape and torch.all(lr == 0.4)
+    meta_gradient(model, image_batch())
+    assert lr.grad is not None and lr.grad.abs().sum() > 0
+    assert any(p is lr for p in model.parameters())  # so the outer optimizer updates it
+
+
+class ANIL(MAML):
+    """Almost No Inner Loop (Raghu et al. 2020): adapt only the head."""
+
+    def adapt(self, support_x, support_y, params=None, steps=None):
+        if params is None:
+            params = {k: v for k, v in self.backbone.named_parameters() if k.startswith("head.")}
+        return super().adapt(support_x, support_y, params, steps)
+
+
+def test_anil_subclass_adapts_only_the_head_and_still_meta_learns_the_body():
+    torch.manual_seed(0)
+    model = ANIL(Conv4(pooling="stride", out_features=5, track_running_stats=False), inner_lr=0.5)
+    batch = image_batch(tasks=1)
+    adapted = model.adapt(batch.support_x[0], batch.support_y[0], steps=2)
+    assert set(adapted) == {"head.weight", "head.bias"}
+    before = model.inner_loss(model.backbone(batch.support_x[0]), batch.support_y[0])
+    assert model.inner_loss(model.forward_with(adapted, batch.support_x[0]), batch.support_y[0]) < before
+    meta_gradient(model, batch)
+    assert model.backbone.features[0].weight.grad.abs().sum() > 0
+
+
+def test_second_order_maml_under_bf16_autocast_matches_fp32():
+    torch.manual_seed(0)
+    model = MAML(Conv4(pooling="stride", out_features=5, track_running_stats=False), inner_lr=0.4)
+    batch = image_batch(tasks=2, queries=5)
+    fp32 = model.episode_loss(batch)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = model.episode_loss(batch)[0]
+    torch.testing.assert_close(bf16, fp32, rtol=0.03, atol=0.03)
