@@ -12,7 +12,9 @@ from lightning_meta import MAML, Conv4
 if os.environ.get("LIGHTNING_META_REQUIRE_L2L"):
     import learn2learn as l2l
 else:
-    l2l = pytest.importorskip("learn2learn", reason="the learn2learn extra is not installed (.ci/install-learn2learn.sh)")
+    l2l = pytest.importorskip(
+        "learn2learn", reason="the learn2learn extra is not installed (.ci/install-learn2learn.sh)"
+    )
 
 
 def paired_models(dtype):
@@ -38,7 +40,9 @@ def flat_grads(modules):
 def layers(ours, reference):
     """Matching parameter holders, in the same order."""
     mine = [m for i in range(4) for m in (ours.features[3 * i], ours.features[3 * i + 1])] + [ours.head]
-    theirs = [m for i in range(4) for m in (reference.base[i].conv, reference.base[i].normalize)] + [reference.classifier]
+    theirs = [m for i in range(4) for m in (reference.base[i].conv, reference.base[i].normalize)] + [
+        reference.classifier
+    ]
     return mine, theirs
 
 
