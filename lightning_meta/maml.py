@@ -171,14 +171,21 @@ class MAML(EpisodicModule):
     def _loop_tasks(self, batch: EpisodeBatch) -> tuple[Tensor, Tensor]:
         meta_params = [p for p in self.parameters() if p.requires_grad]
         per_task_backward = self.training and torch.is_grad_enabled() and bool(meta_params)
+        scale = self._loss_scale() if per_task_backward else 1.0
         losses, predictions = [], []
         for t in range(batch.num_tasks):
             loss, prediction = self.task_loss(*(part[t] for part in batch))
             if per_task_backward:
-                loss = _with_gradient_now(loss, meta_params)
+                loss = _with_gradient_now(loss, meta_params, scale)
             losses.append(loss)
             predictions.append(prediction.detach())
         return torch.stack(losses), torch.stack(predictions)
+
+    def _loss_scale(self) -> float:
+        """The AMP loss scale under ``precision="16-mixed"`` (else 1): per-task fp16 gradients must not underflow."""
+        trainer = self._trainer
+        scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None) if trainer is not None else None
+        return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
 
     def _time_task_batching(self, batch: EpisodeBatch) -> str:
         """Time a step (with its meta-gradient when training) both ways on ``batch``; return the faster.
@@ -227,14 +234,15 @@ class MAML(EpisodicModule):
                 )
 
 
-def _with_gradient_now(loss: Tensor, params: list[Tensor]) -> Tensor:
+def _with_gradient_now(loss: Tensor, params: list[Tensor], scale: float = 1.0) -> Tensor:
     """Take ``loss``'s gradient now and free its graph; return a stand-in with the same value and gradient.
 
     This is learn2learn's per-task ``backward()`` inside a normal Lightning ``training_step``: memory
     holds one task's graph at a time, yet the Trainer still runs one backward (AMP, DDP, clipping).
+    ``scale`` is the AMP loss scale: the gradient is taken of the scaled loss, then unscaled.
     """
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
-    surrogate = sum((p * g).sum() for p, g in zip(params, grads, strict=True) if g is not None)
+    grads = torch.autograd.grad(loss * scale, params, allow_unused=True)
+    surrogate = sum((p * (g / scale)).sum() for p, g in zip(params, grads, strict=True) if g is not None)
     if not torch.is_tensor(surrogate):  # no parameter influenced the loss
         return loss.detach()
     return loss.detach() + surrogate - surrogate.detach()

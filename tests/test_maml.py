@@ -147,3 +147,15 @@ def test_second_order_maml_under_bf16_autocast_matches_fp32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         bf16 = model.episode_loss(batch)[0]
     torch.testing.assert_close(bf16, fp32, rtol=0.03, atol=0.03)
+
+
+def test_per_task_gradient_stand_in_has_the_loss_value_and_gradient_at_any_loss_scale():
+    from lightning_meta.maml import _with_gradient_now
+
+    w = torch.tensor([1.5, -2.0], requires_grad=True)
+    for scale in (1.0, 1024.0):
+        loss = (w**3).sum()
+        stand_in = _with_gradient_now(loss, [w], scale)
+        assert stand_in.item() == loss.item()
+        (g,) = torch.autograd.grad(stand_in, [w])
+        torch.testing.assert_close(g, 3 * w.detach() ** 2)
