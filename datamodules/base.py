@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -10,6 +11,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from .episodes import SPLITS, ClassEpisodeSampler, ClassImages, EpisodeBatch, EpisodeStream, TaskSource
+
+# EpisodeStream shards its batches across DataLoader workers itself, so its __len__ is exact.
+warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined.*")
 
 _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
 
