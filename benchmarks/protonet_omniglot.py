@@ -10,14 +10,10 @@ from __future__ import annotations
 
 import argparse
 import platform
-import time
-from pathlib import Path
 
 import torch
+from runs import fit_and_test
 
-from lightning_meta.cli import make_cli
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "protonet"
 PUBLISHED = {(5, 1): 98.8, (5, 5): 99.7, (20, 1): 96.0, (20, 5): 98.9}
 
 
@@ -34,24 +30,17 @@ def main() -> None:
     logger = ["--trainer.logger.init_args.save_dir", args.log_dir, "--trainer.enable_progress_bar", "false"]
     rows = []
     for shots in args.shots:
-        start = time.perf_counter()
-        fit = make_cli(
-            ["fit", "--config", str(CONFIGS / f"omniglot_5w{shots}s.yaml"), *data, *logger,
-             "--trainer.max_epochs", str(args.epochs)]
-        )  # fmt: skip
-        train_s = time.perf_counter() - start
-        best = fit.trainer.checkpoint_callback.best_model_path
-        for ways in (5, 20):
-            start = time.perf_counter()
-            test = make_cli(
-                ["test", "--config", str(CONFIGS / f"omniglot_{ways}w{shots}s.yaml"), *data, *logger,
-                 "--data.test_episodes", str(args.test_episodes), "--ckpt_path", best]
-            )  # fmt: skip
-            m = test.trainer.callback_metrics
+        fit_s, _, results = fit_and_test(
+            f"protonet/omniglot_5w{shots}s.yaml",
+            [f"protonet/omniglot_{ways}w{shots}s.yaml" for ways in (5, 20)],
+            data + logger,
+            ["--trainer.max_epochs", str(args.epochs)],
+            args.test_episodes,
+        )
+        for (_, acc, ci, test_s), ways in zip(results, (5, 20), strict=True):
             rows.append(
-                f"| {ways}-way {shots}-shot | {100 * m['test/acc'].item():.2f} ± {100 * m['test/acc_ci95'].item():.2f} "
-                f"| {PUBLISHED[(ways, shots)]} | {args.epochs} epochs x 100 episodes, {train_s / 60:.1f} min "
-                f"| {time.perf_counter() - start:.0f} s |"
+                f"| {ways}-way {shots}-shot | {100 * acc:.2f} ± {100 * ci:.2f} | {PUBLISHED[(ways, shots)]} "
+                f"| {args.epochs} epochs x 100 episodes, {fit_s / 60:.1f} min | {test_s:.0f} s |"
             )
             print(rows[-1], flush=True)
     machine = platform.processor() or platform.machine()

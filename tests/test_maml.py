@@ -159,3 +159,20 @@ def test_per_task_gradient_stand_in_has_the_loss_value_and_gradient_at_any_loss_
         assert stand_in.item() == loss.item()
         (g,) = torch.autograd.grad(stand_in, [w])
         torch.testing.assert_close(g, 3 * w.detach() ** 2)
+
+
+def test_maml_on_miniimagenet_shaped_episodes():
+    torch.manual_seed(0)
+    backbone = Conv4(in_channels=3, hidden=32, image_size=84, out_features=5, track_running_stats=False)
+    model = MAML(backbone, inner_lr=0.01, inner_steps=2)
+    g = torch.Generator().manual_seed(0)
+    batch = EpisodeBatch(
+        torch.rand(2, 5, 3, 84, 84, generator=g),
+        torch.arange(5).expand(2, -1),
+        torch.rand(2, 10, 3, 84, 84, generator=g),
+        torch.arange(5).repeat_interleave(2).expand(2, -1),
+    )
+    loss, logits = model.episode_loss(batch)
+    assert loss.shape == (2,) and logits.shape == (2, 10, 5)
+    loss.mean().backward()
+    assert backbone.features[0].weight.grad.abs().sum() > 0
