@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
+from torch.utils.data.dataloader import _BaseDataLoaderIter
 
 from .episodes import SPLITS, ClassEpisodeSampler, ClassImages, EpisodeBatch, EpisodeStream, TaskSource
 
@@ -36,7 +37,7 @@ class EpisodeLoader(DataLoader):
         )
         self._epoch = epoch
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> _BaseDataLoaderIter:
         if self._epoch is not None:
             self.dataset.epoch = self._epoch()  # type: ignore[attr-defined]
         return super().__iter__()

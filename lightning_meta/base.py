@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, Metric
 
 from datamodules.episodes import EpisodeBatch, as_episode_batch
 
 from .metrics import ConfidenceInterval95, episode_accuracy
 
+_given_hyperparameters: Any
 try:  # set while LightningCLI instantiates a module; its hparams are then plain config dicts
     from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 except ImportError:  # pragma: no cover - older or newer Lightning
@@ -109,18 +110,17 @@ class EpisodicModule(pl.LightningModule):
     def _eval_step(self, batch: Any, stage: str) -> Tensor:
         self._check_grad_mode()
         loss, accuracy, tasks = self._episode_step(batch)
-        metrics = self.metrics
-        metrics[f"{stage}_loss"].update(loss.detach())
-        self.log(f"{stage}/loss", metrics[f"{stage}_loss"], prog_bar=stage == "val", batch_size=tasks)
+        values = {f"{stage}/loss": loss.detach()}
         if stage == "test":
-            metrics["test_loss_ci95"].update(loss.detach())
-            self.log("test/loss_ci95", metrics["test_loss_ci95"], batch_size=tasks)
+            values["test/loss_ci95"] = loss.detach()
         if accuracy is not None:
-            metrics[f"{stage}_acc"].update(accuracy)
-            self.log(f"{stage}/acc", metrics[f"{stage}_acc"], prog_bar=True, batch_size=tasks)
+            values[f"{stage}/acc"] = accuracy
             if stage == "test":
-                metrics["test_acc_ci95"].update(accuracy)
-                self.log("test/acc_ci95", metrics["test_acc_ci95"], batch_size=tasks)
+                values["test/acc_ci95"] = accuracy
+        for name, value in values.items():
+            metric = cast(Metric, self.metrics[name.replace("/", "_")])
+            metric.update(value)
+            self.log(name, metric, prog_bar=stage == "val" or name == "test/acc", batch_size=tasks)
         return loss.mean()
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:

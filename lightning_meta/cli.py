@@ -34,16 +34,17 @@ class EpisodicCheckpoint(ModelCheckpoint):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if getattr(trainer.datamodule, "task", "classification") == "regression":
+        if getattr(getattr(trainer, "datamodule", None), "task", "classification") == "regression":
             self.monitor, self.mode, self.kth_value = "val/loss", "min", torch.tensor(torch.inf)
 
 
 def find_best_checkpoint(trainer: Trainer) -> str:
     """The best checkpoint of the newest earlier run under the trainer's log folder."""
     logger = trainer.logger
-    base = (
-        Path(logger.save_dir, logger.name) if logger is not None else Path(trainer.default_root_dir, "lightning_logs")
-    )
+    if logger is not None:
+        base = Path(logger.save_dir or trainer.default_root_dir, logger.name or "")
+    else:
+        base = Path(trainer.default_root_dir, "lightning_logs")
     runs = sorted(
         (p for p in base.glob("version_*") if re.fullmatch(r"version_\d+", p.name)),
         key=lambda p: int(p.name.split("_")[1]),
@@ -70,7 +71,8 @@ class MetaCLI(LightningCLI):
 
     def _resolve_best(self) -> None:
         config = self.config_init[self.subcommand]
-        if config.get("ckpt_path") == "best" and not self.trainer.checkpoint_callback.best_model_path:
+        callback = self.trainer.checkpoint_callback
+        if config.get("ckpt_path") == "best" and not getattr(callback, "best_model_path", ""):
             config["ckpt_path"] = find_best_checkpoint(self.trainer)
 
     def before_test(self) -> None:

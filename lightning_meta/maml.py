@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -234,7 +235,7 @@ class MAML(EpisodicModule):
                 )
 
 
-def _with_gradient_now(loss: Tensor, params: list[Tensor], scale: float = 1.0) -> Tensor:
+def _with_gradient_now(loss: Tensor, params: Sequence[Tensor], scale: float = 1.0) -> Tensor:
     """Take ``loss``'s gradient now and free its graph; return a stand-in with the same value and gradient.
 
     This is learn2learn's per-task ``backward()`` inside a normal Lightning ``training_step``: memory

@@ -30,6 +30,9 @@ class ConfidenceInterval95(Metric):
     full_state_update = False
     is_differentiable = False
     higher_is_better = False
+    total: Tensor
+    total_sq: Tensor
+    count: Tensor
 
     def __init__(self) -> None:
         super().__init__()
