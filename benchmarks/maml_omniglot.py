@@ -36,9 +36,9 @@ def main() -> None:
         fit_s, steps, results = fit_and_test(
             f"{name}.yaml", [f"{name}.yaml"], common, ["--trainer.max_time", budget], args.test_episodes
         )
-        (_, acc, ci, test_s) = results[0]
+        m, test_s = results[0]
         print(
-            f"| `configs/{name}.yaml` | {100 * acc:.2f} ± {100 * ci:.2f} | {PUBLISHED[name]} "
+            f"| `configs/{name}.yaml` | {100 * m['test/acc']:.2f} ± {100 * m['test/acc_ci95']:.2f} | {PUBLISHED[name]} "
             f"| {fit_s / 60:.1f} min | {steps} | {test_s:.0f} s |",
             flush=True,
         )

@@ -37,9 +37,10 @@ def main() -> None:
             ["--trainer.max_epochs", str(args.epochs)],
             args.test_episodes,
         )
-        for (_, acc, ci, test_s), ways in zip(results, (5, 20), strict=True):
+        for (m, test_s), ways in zip(results, (5, 20), strict=True):
             rows.append(
-                f"| {ways}-way {shots}-shot | {100 * acc:.2f} ± {100 * ci:.2f} | {PUBLISHED[(ways, shots)]} "
+                f"| {ways}-way {shots}-shot | {100 * m['test/acc']:.2f} ± {100 * m['test/acc_ci95']:.2f} "
+                f"| {PUBLISHED[(ways, shots)]} "
                 f"| {args.epochs} epochs x 100 episodes, {fit_s / 60:.1f} min | {test_s:.0f} s |"
             )
             print(rows[-1], flush=True)
