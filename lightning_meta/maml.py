@@ -81,7 +81,7 @@ class MAML(EpisodicModule):
         self.inner_lr, self.inner_steps, self.inner_steps_eval = inner_lr, inner_steps, inner_steps_eval
         self.first_order, self.task_batching, self.channels_last = first_order, task_batching, channels_last
         self._vmapping = False
-        self._chosen_batching: str | None = None
+        self._chosen_batching: dict[bool, str] = {}
         self.inner_lrs: nn.ParameterDict | None = None
         if learn_inner_lr:
             per_element = learn_inner_lr == "element"
@@ -157,9 +157,11 @@ class MAML(EpisodicModule):
     def episode_loss(self, batch: EpisodeBatch) -> tuple[Tensor, Tensor]:
         if self.channels_last:
             batch = batch._replace(support_x=to_channels_last(batch.support_x), query_x=to_channels_last(batch.query_x))
-        if self.task_batching == "auto" and self._chosen_batching is None:
-            self._chosen_batching = self._time_task_batching(batch)
-        mode = self._chosen_batching if self.task_batching == "auto" else self.task_batching
+        mode: str = self.task_batching
+        if mode == "auto":  # timed separately for training and evaluation, which differ in cost
+            if self.training not in self._chosen_batching:
+                self._chosen_batching[self.training] = self._time_task_batching(batch)
+            mode = self._chosen_batching[self.training]
         return self._vmap_tasks(batch) if mode == "vmap" else self._loop_tasks(batch)
 
     def _vmap_tasks(self, batch: EpisodeBatch) -> tuple[Tensor, Tensor]:
@@ -211,8 +213,9 @@ class MAML(EpisodicModule):
                 rank_zero_info(f"{type(self).__name__}: task_batching='vmap' unavailable ({err}); using the loop")
                 return "loop"
         choice = min(times, key=times.__getitem__)
+        phase = "training" if self.training else "evaluation"
         rank_zero_info(
-            f"{type(self).__name__}: task_batching='auto' chose '{choice}' "
+            f"{type(self).__name__}: task_batching='auto' chose '{choice}' for {phase} "
             f"(loop {1000 * times['loop']:.1f} ms, vmap {1000 * times['vmap']:.1f} ms per meta-batch)"
         )
         return choice
