@@ -123,6 +123,18 @@ class EpisodicModule(pl.LightningModule):
             self.log(name, metric, prog_bar=stage == "val" or name == "test/acc", batch_size=tasks)
         return loss.mean()
 
+    def _fresh_metrics(self) -> None:
+        # States left by a run under inference mode (trainer.validate) are inference tensors, which
+        # the in-place updates of a later run outside it (fit's validation) may not touch.
+        for metric in self.metrics.values():
+            cast(Metric, metric).reset()
+
+    def on_validation_epoch_start(self) -> None:
+        self._fresh_metrics()
+
+    def on_test_epoch_start(self) -> None:
+        self._fresh_metrics()
+
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self._eval_step(batch, "val")
 

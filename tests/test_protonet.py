@@ -83,3 +83,15 @@ def test_protonet_learns_real_omniglot_5w1s(omniglot_cache, tmp_path):
     trainer.fit(model, dm)
     accuracy = trainer.callback_metrics["val/acc"].item()
     assert accuracy >= 0.90, accuracy
+
+
+def test_validate_then_fit_with_default_trainer(fake_omniglot):
+    """trainer.validate runs under inference mode, fit's validation does not: metrics must survive both."""
+    dm = Omniglot(
+        root=str(fake_omniglot), ways=2, shots=1, queries=2, rotations=False, train_episodes=4, val_episodes=4
+    )
+    model = ProtoNet()
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    before = trainer.validate(model, dm, verbose=False)[0]["val/acc"]
+    trainer.fit(model, dm)
+    assert 0 <= before <= 1 and 0 <= trainer.callback_metrics["val/acc"] <= 1
