@@ -2,8 +2,9 @@
 
 from .base import EpisodicModule
 from .maml import MAML
+from .matchingnet import MatchingNet
 from .models import MLP, Conv4
 from .protonet import ProtoNet
 
-__all__ = ["MAML", "MLP", "Conv4", "EpisodicModule", "ProtoNet"]
+__all__ = ["MAML", "MLP", "Conv4", "EpisodicModule", "MatchingNet", "ProtoNet"]
 __version__ = "0.1.0"

@@ -1,0 +1,91 @@
+"""Matching Networks (Vinyals, Blundell, Lillicrap, Kavukcuoglu and Wierstra 2016)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from datamodules.episodes import EpisodeBatch
+
+from .base import EpisodicModule, at_least_float32
+from .models import Conv4, to_channels_last
+
+
+class MatchingNet(EpisodicModule):
+    """Matching Networks: predict a query's label as the attention-weighted mix of the support labels.
+
+    The attention is a softmax over the cosine similarities between the query embedding and each
+    support embedding (Vinyals et al. 2016, eq. 1-2); the loss is the negative log-likelihood of the
+    mixed label distribution. With ``fce`` the embeddings are full context embeddings (appendix A):
+    a bidirectional LSTM over the support set, ``g(x_i) = h_fwd_i + h_bwd_i + g'(x_i)``, and an
+    attention LSTM that reads the support set ``fce_steps`` times for each query.
+
+    Args:
+        backbone: embedding network; default ``Conv4(in_channels=1)`` (Omniglot).
+        fce: use full context embeddings.
+        fce_steps: read steps of the attention LSTM (K in the paper's appendix).
+        embedding_dim: size of the backbone's output, needed by the LSTMs; default
+            ``backbone.embedding_dim``.
+        channels_last: run image backbones in channels-last memory format.
+        optimizer: outer optimizer factory (Adam, lr 1e-3).
+        lr_scheduler: optional scheduler factory.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module | None = None,
+        fce: bool = False,
+        fce_steps: int = 5,
+        embedding_dim: int | None = None,
+        channels_last: bool = True,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        backbone = backbone if backbone is not None else Conv4()
+        super().__init__(backbone, optimizer, lr_scheduler)
+        self.fce, self.fce_steps, self.channels_last = fce, fce_steps, channels_last
+        if fce:
+            dim = embedding_dim or getattr(backbone, "embedding_dim", None)
+            if not dim:
+                raise ValueError("fce=True needs embedding_dim= (the backbone's output size)")
+            self.support_lstm = nn.LSTM(dim, dim, batch_first=True, bidirectional=True)
+            self.query_lstm = nn.LSTMCell(dim, dim)
+
+    def embed(self, x: Tensor) -> Tensor:
+        """Embed ``[B, M, ...]`` inputs into ``[B, M, D]`` features."""
+        return at_least_float32(self.backbone(to_channels_last(x) if self.channels_last else x))
+
+    def full_context(self, support: Tensor, query: Tensor) -> tuple[Tensor, Tensor]:
+        """The paper's full context embeddings ``g`` of the support set and ``f`` of the queries."""
+        dim = support.shape[-1]
+        out, _ = self.support_lstm(support)
+        support = support + out[..., :dim] + out[..., dim:]
+        tasks, queries = query.shape[:2]
+        flat = query.reshape(tasks * queries, dim)
+        h, c = torch.zeros_like(flat), torch.zeros_like(flat)
+        keys = support.repeat_interleave(queries, dim=0)  # [B*Q, S, D]
+        for _ in range(self.fce_steps):
+            attention = torch.softmax(torch.einsum("qd,qsd->qs", h, keys), dim=-1)
+            readout = torch.einsum("qs,qsd->qd", attention, keys)
+            h, c = self.query_lstm(flat, (h + readout, c))
+            h = h + flat
+        return support, h.view(tasks, queries, dim)
+
+    def attention(self, batch: EpisodeBatch) -> Tensor:
+        """Softmax over the cosine similarities of each query to each support item: ``[B, N*Q, N*K]``."""
+        shots_total = batch.support_x.shape[1]
+        z = self.embed(torch.cat([batch.support_x, batch.query_x], dim=1))
+        support, query = z[:, :shots_total], z[:, shots_total:]
+        if self.fce:
+            support, query = self.full_context(support, query)
+        similarity = F.normalize(query, dim=-1) @ F.normalize(support, dim=-1).transpose(1, 2)
+        return torch.softmax(similarity, dim=-1)
+
+    def episode_logits(self, batch: EpisodeBatch) -> Tensor:
+        attention = self.attention(batch)
+        labels = F.one_hot(batch.support_y, int(batch.support_y.max()) + 1).to(attention.dtype)
+        probabilities = attention @ labels  # [B, N*Q, N]
+        # Log-probabilities as logits: cross-entropy on them is the paper's negative log-likelihood.
+        return probabilities.clamp_min(1e-12).log()

@@ -1,0 +1,75 @@
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+
+from datamodules import EpisodeBatch, Omniglot
+from lightning_meta import Conv4, MatchingNet
+
+
+def random_batch(tasks=2, ways=3, shots=2, queries=4, dim=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return EpisodeBatch(
+        torch.randn(tasks, ways * shots, dim, generator=g),
+        torch.arange(ways).repeat_interleave(shots).expand(tasks, -1),
+        torch.randn(tasks, ways * queries, dim, generator=g),
+        torch.arange(ways).repeat_interleave(queries).expand(tasks, -1),
+    )
+
+
+@pytest.mark.parametrize("fce", [False, True])
+def test_attention_sums_to_one_and_prediction_is_the_weighted_label_mix(fce):
+    torch.manual_seed(0)
+    model = MatchingNet(backbone=nn.Linear(6, 8), fce=fce, embedding_dim=8)
+    batch = random_batch()
+    attention = model.attention(batch)
+    assert attention.shape == (2, 12, 6)
+    torch.testing.assert_close(attention.sum(-1), torch.ones(2, 12))
+    expected = attention @ torch.nn.functional.one_hot(batch.support_y, 3).float()
+    torch.testing.assert_close(model.episode_logits(batch).exp(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_is_softmax_of_cosine_similarity():
+    model = MatchingNet(backbone=nn.Identity())
+    batch = random_batch()
+    cosine = torch.nn.functional.cosine_similarity(batch.query_x.unsqueeze(2), batch.support_x.unsqueeze(1), dim=-1)
+    torch.testing.assert_close(model.attention(batch), cosine.softmax(-1), rtol=1e-5, atol=1e-6)
+
+
+def test_permuting_the_support_set_does_not_change_predictions_without_fce():
+    torch.manual_seed(0)
+    model = MatchingNet(backbone=Conv4())
+    g = torch.Generator().manual_seed(0)
+    batch = EpisodeBatch(
+        torch.rand(1, 10, 1, 28, 28, generator=g),
+        torch.arange(5).repeat_interleave(2).unsqueeze(0),
+        torch.rand(1, 15, 1, 28, 28, generator=g),
+        torch.arange(5).repeat_interleave(3).unsqueeze(0),
+    )
+    perm = torch.randperm(10, generator=g)
+    permuted = batch._replace(support_x=batch.support_x[:, perm], support_y=batch.support_y[:, perm])
+    with torch.no_grad():
+        torch.testing.assert_close(model.episode_logits(batch), model.episode_logits(permuted), rtol=1e-4, atol=1e-5)
+
+
+def test_fce_needs_the_embedding_size():
+    with pytest.raises(ValueError, match="embedding_dim"):
+        MatchingNet(backbone=nn.Identity(), fce=True)
+
+
+def test_matchingnet_learns_real_omniglot_5w1s(omniglot_cache, tmp_path):
+    """A short CPU run must clearly improve on the untrained network (random conv features already match well)."""
+    pl.seed_everything(0)
+    dm = Omniglot(
+        root=omniglot_cache["root"], cache_dir=omniglot_cache["cache_dir"], ways=5, shots=1, queries=15,
+        train_queries=5, tasks_per_batch=4, train_episodes=1200, val_episodes=200,
+    )  # fmt: skip
+    trainer = pl.Trainer(
+        max_epochs=1, precision="bf16-mixed", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, default_root_dir=tmp_path, inference_mode=False,
+    )  # fmt: skip
+    model = MatchingNet()
+    initial = trainer.validate(model, dm, verbose=False)[0]["val/acc"]
+    trainer.fit(model, dm)
+    accuracy = trainer.callback_metrics["val/acc"].item()
+    assert accuracy >= 0.75 and accuracy >= initial + 0.1, (initial, accuracy)
