@@ -5,6 +5,7 @@ from .maml import MAML
 from .matchingnet import MatchingNet
 from .models import MLP, Conv4
 from .protonet import ProtoNet
+from .reptile import Reptile
 
-__all__ = ["MAML", "MLP", "Conv4", "EpisodicModule", "MatchingNet", "ProtoNet"]
+__all__ = ["MAML", "MLP", "Conv4", "EpisodicModule", "MatchingNet", "ProtoNet", "Reptile"]
 __version__ = "0.1.0"
