@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from datamodules import EpisodeBatch, Omniglot
+from datamodules import EpisodeBatch
 from lightning_meta import MLP, Conv4, Reptile
 
 
@@ -84,18 +84,17 @@ def test_outer_lr_anneals_linearly_to_zero(tmp_path):
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)
 
 
-def test_reptile_learns_real_omniglot_5w1s(omniglot_cache, tmp_path):
-    """Short CPU run on real Omniglot must clearly beat chance (20%) after fine-tuning."""
+def test_reptile_learns_sinusoid(tmp_path):
+    """A short run must halve the query MSE after fine-tuning (the untrained MLP cannot)."""
+    from datamodules import Sinusoid
+
     pl.seed_everything(0)
-    dm = Omniglot(
-        root=omniglot_cache["root"], cache_dir=omniglot_cache["cache_dir"], ways=5, shots=1, queries=5,
-        train_shots=5, train_queries=1, tasks_per_batch=5, train_episodes=1000, val_episodes=100,
-    )  # fmt: skip
-    model = Reptile(Conv4(pooling="stride", out_features=5, track_running_stats=False), inner_lr=0.001,
-                    inner_steps=5, inner_steps_eval=20, inner_batch_size=10, outer_lr=1.0)  # fmt: skip
-    trainer = pl.Trainer(max_epochs=1, precision="bf16-mixed", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, inference_mode=False, default_root_dir=tmp_path)  # fmt: skip
-    initial = trainer.validate(model, dm, verbose=False)[0]["val/acc"]
+    dm = Sinusoid(tasks_per_batch=5, train_episodes=2000, val_episodes=100)
+    model = Reptile(MLP(), inner_lr=0.02, inner_steps=10, inner_steps_eval=10, inner_optimizer="sgd",
+                    outer_lr=0.5, outer_lr_anneal=False, task_batching="vmap")  # fmt: skip
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         inference_mode=False, default_root_dir=tmp_path)  # fmt: skip
+    initial = trainer.validate(model, dm, verbose=False)[0]["val/loss"]
     trainer.fit(model, dm)
-    accuracy = trainer.callback_metrics["val/acc"].item()
-    assert accuracy >= 0.6 and accuracy >= initial + 0.15, (initial, accuracy)
+    final = trainer.callback_metrics["val/loss"].item()
+    assert final < 0.5 * initial, (initial, final)
