@@ -15,7 +15,7 @@ from torch.func import functional_call, grad, vmap
 from datamodules.episodes import EpisodeBatch
 
 from .base import EpisodicModule
-from .models import to_channels_last
+from .models import to_channels_last, vmap_safe_batch_norm
 
 Params = dict[str, Tensor]
 
@@ -167,22 +167,31 @@ class MAML(EpisodicModule):
     def _vmap_tasks(self, batch: EpisodeBatch) -> tuple[Tensor, Tensor]:
         self._vmapping = True
         try:
-            return vmap(self.task_loss)(*batch)
+            with vmap_safe_batch_norm():
+                return vmap(self.task_loss)(*batch)
         finally:
             self._vmapping = False
 
     def _loop_tasks(self, batch: EpisodeBatch) -> tuple[Tensor, Tensor]:
         meta_params = [p for p in self.parameters() if p.requires_grad]
+        # While training, take each task's meta-gradient at once and free its graph (learn2learn's
+        # per-task backward), so memory holds one task; Lightning's backward then applies the sum.
         per_task_backward = self.training and torch.is_grad_enabled() and bool(meta_params)
         scale = self._loss_scale() if per_task_backward else 1.0
+        summed: list[Tensor | None] = [None] * len(meta_params)
         losses, predictions = [], []
         for t in range(batch.num_tasks):
             loss, prediction = self.task_loss(*(part[t] for part in batch))
             if per_task_backward:
-                loss = _with_gradient_now(loss, meta_params, scale)
+                grads = torch.autograd.grad(loss * scale, meta_params, allow_unused=True)
+                summed = [s if g is None else g if s is None else s.add_(g) for s, g in zip(summed, grads, strict=True)]
+                loss = loss.detach()
             losses.append(loss)
             predictions.append(prediction.detach())
-        return torch.stack(losses), torch.stack(predictions)
+        stacked = torch.stack(losses)
+        if per_task_backward:
+            stacked = stacked + _gradient_stand_in(meta_params, summed, scale * batch.num_tasks)
+        return stacked, torch.stack(predictions)
 
     def _loss_scale(self) -> float:
         """The AMP loss scale under ``precision="16-mixed"`` (else 1): per-task fp16 gradients must not underflow."""
@@ -238,15 +247,13 @@ class MAML(EpisodicModule):
                 )
 
 
-def _with_gradient_now(loss: Tensor, params: Sequence[Tensor], scale: float = 1.0) -> Tensor:
-    """Take ``loss``'s gradient now and free its graph; return a stand-in with the same value and gradient.
+def _gradient_stand_in(params: Sequence[Tensor], grads: Sequence[Tensor | None], divisor: float) -> Tensor:
+    """A zero whose gradient with respect to ``params`` is ``grads / divisor``.
 
-    This is learn2learn's per-task ``backward()`` inside a normal Lightning ``training_step``: memory
-    holds one task's graph at a time, yet the Trainer still runs one backward (AMP, DDP, clipping).
-    ``scale`` is the AMP loss scale: the gradient is taken of the scaled loss, then unscaled.
+    Added to every task's (detached) loss, the mean over tasks that Lightning differentiates has the
+    mean meta-gradient, while the Trainer still runs its one backward (AMP, DDP, clipping).
     """
-    grads = torch.autograd.grad(loss * scale, params, allow_unused=True)
-    surrogate = sum((p * (g / scale)).sum() for p, g in zip(params, grads, strict=True) if g is not None)
-    if not torch.is_tensor(surrogate):  # no parameter influenced the loss
-        return loss.detach()
-    return loss.detach() + surrogate - surrogate.detach()
+    total = sum((p * (g / divisor)).sum() for p, g in zip(params, grads, strict=True) if g is not None)
+    if not isinstance(total, Tensor):  # no parameter influenced the losses
+        return torch.zeros(())
+    return total - total.detach()

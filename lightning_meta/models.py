@@ -2,18 +2,36 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+_EXACT_UNDER_VMAP: ContextVar[bool] = ContextVar("_EXACT_UNDER_VMAP", default=False)
+
+
+@contextmanager
+def vmap_safe_batch_norm() -> Iterator[None]:
+    """Within this context :class:`TaskBatchNorm2d` computes with ``torch.var_mean`` (see there)."""
+    token = _EXACT_UNDER_VMAP.set(True)
+    try:
+        yield
+    finally:
+        _EXACT_UNDER_VMAP.reset(token)
 
 
 class TaskBatchNorm2d(nn.Module):
     """Batch norm that always normalises with the statistics of the batch it is given (no running stats).
 
     This is MAML's transductive batch norm: each task is normalised by its own support or query
-    batch. It is written with ``torch.var_mean`` because ``F.batch_norm`` inside ``torch.func.vmap``
-    gives wrong second-order gradients (torch 2.14); statistics are taken in float32 under autocast.
+    batch. It uses the fused ``F.batch_norm``, except inside :func:`vmap_safe_batch_norm` (which
+    the algorithms enter around ``torch.func.vmap``): there ``F.batch_norm`` gives wrong
+    second-order gradients (torch 2.14), so the statistics come from ``torch.var_mean``, in float32
+    under autocast.
 
     Args:
         num_features: channels.
@@ -27,6 +45,8 @@ class TaskBatchNorm2d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_features))
 
     def forward(self, x: Tensor) -> Tensor:
+        if not _EXACT_UNDER_VMAP.get():
+            return F.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
         x32 = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         var, mean = torch.var_mean(x32, dim=(0, 2, 3), keepdim=True, correction=0)
         y = (x32 - mean) * torch.rsqrt(var + self.eps)

@@ -12,7 +12,7 @@ from torch.func import functional_call, grad, vmap
 from datamodules.episodes import EpisodeBatch
 
 from .base import EpisodicModule
-from .models import to_channels_last
+from .models import to_channels_last, vmap_safe_batch_norm
 
 Params = dict[str, Tensor]
 
@@ -174,7 +174,8 @@ class Reptile(EpisodicModule):
         if self.task_batching == "vmap":
             self._vmapping = True
             try:
-                params, predictions = vmap(self._task)(batch.support_x, batch.support_y, batch.query_x, batches)
+                with vmap_safe_batch_norm():
+                    params, predictions = vmap(self._task)(batch.support_x, batch.support_y, batch.query_x, batches)
             finally:
                 self._vmapping = False
         else:
