@@ -14,6 +14,7 @@ from torchmetrics import MeanMetric, Metric
 from datamodules.episodes import EpisodeBatch, as_episode_batch
 
 from .metrics import ConfidenceInterval95, episode_accuracy
+from .models import to_channels_last
 
 _given_hyperparameters: Any
 try:  # set while LightningCLI instantiates a module; its hparams are then plain config dicts
@@ -25,6 +26,22 @@ except ImportError:  # pragma: no cover - older or newer Lightning
 def at_least_float32(x: Tensor) -> Tensor:
     """Upcast half and bfloat16 (losses and distances under autocast) but keep float64."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def embed_episode(backbone: nn.Module, batch: EpisodeBatch, channels_last: bool) -> tuple[Tensor, Tensor]:
+    """Embed support and query in one backbone pass: ``[B, N*K, D]`` and ``[B, N*Q, D]``, at least float32.
+
+    One pass means batch-norm statistics see both sets, as in Snell et al.'s and Vinyals et al.'s code.
+    """
+    x = torch.cat([batch.support_x, batch.query_x], dim=1)
+    z = at_least_float32(backbone(to_channels_last(x) if channels_last else x))
+    shots_total = batch.support_x.shape[1]
+    return z[:, :shots_total], z[:, shots_total:]
+
+
+def support_onehot(support_y: Tensor, dtype: torch.dtype) -> Tensor:
+    """``[B, N*K, N]`` one-hot support labels; ``N`` is the episode's number of ways."""
+    return F.one_hot(support_y, int(support_y.max()) + 1).to(dtype)
 
 
 class EpisodicModule(pl.LightningModule):

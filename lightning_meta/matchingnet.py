@@ -9,8 +9,8 @@ from torch import Tensor, nn
 
 from datamodules.episodes import EpisodeBatch
 
-from .base import EpisodicModule, at_least_float32
-from .models import Conv4, to_channels_last
+from .base import EpisodicModule, embed_episode, support_onehot
+from .models import Conv4
 
 
 class MatchingNet(EpisodicModule):
@@ -53,10 +53,6 @@ class MatchingNet(EpisodicModule):
             self.support_lstm = nn.LSTM(dim, dim, batch_first=True, bidirectional=True)
             self.query_lstm = nn.LSTMCell(dim, dim)
 
-    def embed(self, x: Tensor) -> Tensor:
-        """Embed ``[B, M, ...]`` inputs into ``[B, M, D]`` features."""
-        return at_least_float32(self.backbone(to_channels_last(x) if self.channels_last else x))
-
     def full_context(self, support: Tensor, query: Tensor) -> tuple[Tensor, Tensor]:
         """The paper's full context embeddings ``g`` of the support set and ``f`` of the queries."""
         dim = support.shape[-1]
@@ -75,9 +71,7 @@ class MatchingNet(EpisodicModule):
 
     def attention(self, batch: EpisodeBatch) -> Tensor:
         """Softmax over the cosine similarities of each query to each support item: ``[B, N*Q, N*K]``."""
-        shots_total = batch.support_x.shape[1]
-        z = self.embed(torch.cat([batch.support_x, batch.query_x], dim=1))
-        support, query = z[:, :shots_total], z[:, shots_total:]
+        support, query = embed_episode(self.backbone, batch, self.channels_last)
         if self.fce:
             support, query = self.full_context(support, query)
         similarity = F.normalize(query, dim=-1) @ F.normalize(support, dim=-1).transpose(1, 2)
@@ -85,7 +79,6 @@ class MatchingNet(EpisodicModule):
 
     def episode_logits(self, batch: EpisodeBatch) -> Tensor:
         attention = self.attention(batch)
-        labels = F.one_hot(batch.support_y, int(batch.support_y.max()) + 1).to(attention.dtype)
-        probabilities = attention @ labels  # [B, N*Q, N]
+        probabilities = attention @ support_onehot(batch.support_y, attention.dtype)  # [B, N*Q, N]
         # Log-probabilities as logits: cross-entropy on them is the paper's negative log-likelihood.
         return probabilities.clamp_min(1e-12).log()

@@ -11,8 +11,8 @@ from torch import Tensor, nn
 
 from datamodules.episodes import EpisodeBatch
 
-from .base import EpisodicModule, at_least_float32
-from .models import Conv4, to_channels_last
+from .base import EpisodicModule, embed_episode, support_onehot
+from .models import Conv4
 
 
 class ProtoNet(EpisodicModule):
@@ -44,19 +44,9 @@ class ProtoNet(EpisodicModule):
         super().__init__(backbone if backbone is not None else Conv4(), optimizer, lr_scheduler)
         self.distance, self.cosine_scale, self.channels_last = distance, cosine_scale, channels_last
 
-    def embed(self, x: Tensor) -> Tensor:
-        """Embed ``[B, M, ...]`` inputs into ``[B, M, D]`` features (at least float32, for the distances)."""
-        if self.channels_last:
-            x = to_channels_last(x)
-        return at_least_float32(self.backbone(x))
-
     def episode_logits(self, batch: EpisodeBatch) -> Tensor:
-        tasks, shots_total = batch.support_x.shape[:2]
-        # One backbone pass over support and query: batch-norm statistics see both, as in the paper's code.
-        z = self.embed(torch.cat([batch.support_x, batch.query_x], dim=1))
-        support, query = z[:, :shots_total], z[:, shots_total:]
-        ways = int(batch.support_y.max()) + 1
-        onehot = F.one_hot(batch.support_y, ways).to(support.dtype)  # [B, NK, N]
+        support, query = embed_episode(self.backbone, batch, self.channels_last)
+        onehot = support_onehot(batch.support_y, support.dtype)  # [B, NK, N]
         prototypes = onehot.transpose(1, 2) @ support / onehot.sum(1).unsqueeze(-1)  # [B, N, D]
         if self.distance == "cosine":
             return self.cosine_scale * F.normalize(query, dim=-1) @ F.normalize(prototypes, dim=-1).transpose(1, 2)
