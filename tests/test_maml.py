@@ -1,6 +1,7 @@
 import lightning.pytorch as pl
 import pytest
 import torch
+from episode_factory import make_episodes
 
 from datamodules import EpisodeBatch, Omniglot, Sinusoid
 from lightning_meta import MAML, MLP, Conv4
@@ -78,13 +79,7 @@ def test_maml_learns_sinusoid(tmp_path):
 
 
 def image_batch(tasks=3, ways=5, shots=1, queries=2, size=28, seed=0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return EpisodeBatch(
-        torch.rand(tasks, ways * shots, 1, size, size, generator=g, dtype=dtype),
-        torch.arange(ways).repeat_interleave(shots).expand(tasks, -1),
-        torch.rand(tasks, ways * queries, 1, size, size, generator=g, dtype=dtype),
-        torch.arange(ways).repeat_interleave(queries).expand(tasks, -1),
-    )
+    return make_episodes(tasks, ways, shots, queries, (1, size, size), seed, dtype, draw=torch.rand)
 
 
 def meta_gradient(model, batch):

@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from episode_factory import make_episodes
 
-from datamodules import EpisodeBatch
 from lightning_meta import MAML, Conv4
 
 if os.environ.get("LIGHTNING_META_REQUIRE_L2L"):
@@ -47,13 +47,7 @@ def layers(ours, reference):
 
 
 def episodes(dtype, tasks=4, ways=5, shots=1, queries=3):
-    g = torch.Generator().manual_seed(1)
-    return EpisodeBatch(
-        torch.rand(tasks, ways * shots, 1, 28, 28, generator=g).to(dtype),
-        torch.arange(ways).repeat_interleave(shots).expand(tasks, -1),
-        torch.rand(tasks, ways * queries, 1, 28, 28, generator=g).to(dtype),
-        torch.arange(ways).repeat_interleave(queries).expand(tasks, -1),
-    )
+    return make_episodes(tasks, ways, shots, queries, (1, 28, 28), seed=1, dtype=dtype, draw=torch.rand)
 
 
 def learn2learn_gradient(batch, dtype, steps, first_order):

@@ -1,6 +1,7 @@
 import lightning.pytorch as pl
 import pytest
 import torch
+from episode_factory import make_episodes
 from torch import nn
 
 from datamodules import EpisodeBatch, Omniglot
@@ -8,13 +9,7 @@ from lightning_meta import Conv4, ProtoNet
 
 
 def random_batch(tasks=2, ways=3, shots=2, queries=4, dim=5, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return EpisodeBatch(
-        torch.randn(tasks, ways * shots, dim, generator=g),
-        torch.arange(ways).repeat_interleave(shots).expand(tasks, -1),
-        torch.randn(tasks, ways * queries, dim, generator=g),
-        torch.arange(ways).repeat_interleave(queries).expand(tasks, -1),
-    )
+    return make_episodes(tasks, ways, shots, queries, (dim,), seed)
 
 
 def test_logits_are_negative_squared_distances_to_class_means():
