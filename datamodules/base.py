@@ -199,19 +199,26 @@ class EpisodicDataModule(pl.LightningDataModule):
         return self._loader("test")
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Turn uint8 images into floats in [0, 1] on the device (4x less to copy than floats)."""
+        """Turn uint8 images into floats on the device (4x less to copy), and augment training batches."""
         if isinstance(batch, EpisodeBatch) and batch.support_x.dtype == torch.uint8:
-            return EpisodeBatch(
-                self.transform_images(batch.support_x),
-                batch.support_y,
-                self.transform_images(batch.query_x),
-                batch.query_y,
-            )
+            support_x, query_x = self.transform_images(batch.support_x), self.transform_images(batch.query_x)
+            if self.trainer is not None and self.trainer.training:
+                support_x, query_x = self.augment_images(support_x), self.augment_images(query_x)
+            return EpisodeBatch(support_x, batch.support_y, query_x, batch.query_y)
         return batch
 
     def transform_images(self, images: torch.Tensor) -> torch.Tensor:
         """Map a uint8 image batch to model input; override for normalisation."""
         return images.float().div_(255)
+
+    def augment_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Augment float training images ``[tasks, examples, C, H, W]`` on the device; identity by default.
+
+        Called after :meth:`transform_images`, for training batches only, so validation and test
+        episodes stay the same for a given seed. Bundles override it, for example with
+        :func:`datamodules.augment.random_crop_flip` behind an ``augment`` flag.
+        """
+        return images
 
 
 __all__ = ["EpisodicDataModule", "EpisodeLoader", "SPLITS"]

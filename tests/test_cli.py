@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from fake_data import FAKE_DATA
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_meta.cli import main, make_cli
@@ -12,11 +13,17 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 
 
-def data_args(config: Path, omniglot_cache, small: bool = False) -> list[str]:
+def data_args(config: Path, omniglot_cache, small: bool = False, tmp_path: Path | None = None) -> list[str]:
     data = yaml.safe_load(config.read_text())["data"]
+    name = data["class_path"].split(".")[-1]
     args = []
-    if data["class_path"].split(".")[-1] == "Omniglot":
+    if name == "Omniglot":
         args += ["--data.root", omniglot_cache["root"], "--data.cache_dir", omniglot_cache["cache_dir"]]
+    elif name in FAKE_DATA:
+        assert tmp_path is not None, f"{name} needs a folder for its fake data"
+        folder = tmp_path / "fake_data"
+        folder.mkdir(exist_ok=True)
+        args += FAKE_DATA[name](folder)
     if small and data["init_args"].get("tasks_per_batch", 1) > 2:
         args += ["--data.tasks_per_batch", "2"]  # wiring, not throughput: keep MAML's meta-batch small
     return args
@@ -32,7 +39,14 @@ def scalars(log_dir: Path) -> dict[str, list[float]]:
 def test_every_config_runs_fast_dev_run(config, omniglot_cache, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli = make_cli(
-        ["fit", "--config", str(config), "--trainer.fast_dev_run", "1", *data_args(config, omniglot_cache, small=True)]
+        [
+            "fit",
+            "--config",
+            str(config),
+            "--trainer.fast_dev_run",
+            "1",
+            *data_args(config, omniglot_cache, small=True, tmp_path=tmp_path),
+        ]
     )
     assert cli.trainer.state.finished
     assert "train/loss" in cli.trainer.callback_metrics
