@@ -148,6 +148,10 @@ class EpisodeStream(IterableDataset):
     Validation and test: episode ``i`` is a fixed function of ``(seed, split, i)``; the batches
     are dealt round-robin to ranks (batch ``j`` to rank ``j % world_size``) and then to
     DataLoader workers, so each episode is evaluated exactly once whatever the process count.
+
+    ``epoch`` and ``start`` say where the next iteration begins: it yields this process's batches
+    ``start, start + 1, ...`` of that epoch (``start`` lets a run resumed mid-epoch skip the
+    batches it already trained on). ``len()`` is always the length of a whole epoch.
     """
 
     def __init__(
@@ -164,6 +168,7 @@ class EpisodeStream(IterableDataset):
         self.episodes, self.tasks_per_batch = episodes, tasks_per_batch
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.epoch = 0
+        self.start = 0
 
     def _local_batches(self) -> list[int]:
         if self.split == "train":
@@ -189,7 +194,8 @@ class EpisodeStream(IterableDataset):
         return self.source.sample(1, g)
 
     def __iter__(self) -> Iterator[EpisodeBatch]:
-        batches = self._local_batches()
+        # Skip before dealing to workers, so that the remaining batches still arrive in order.
+        batches = self._local_batches()[self.start :]
         info = get_worker_info()
         if info is not None:
             batches = batches[info.id :: info.num_workers]

@@ -99,6 +99,16 @@ def test_train_episodes_differ_per_rank_and_epoch_and_are_reproducible():
     assert episodes_of(list(loader)) == episodes_of(stream("train"))
 
 
+@pytest.mark.parametrize("num_workers", [0, 2, 3])
+def test_train_stream_start_skips_batches_and_keeps_the_rest_in_order(num_workers):
+    whole = stream("train", episodes=40)
+    expected = episodes_of([whole.batch(j) for j in range(3, len(whole))])
+    resumed = stream("train", episodes=40)
+    resumed.start = 3
+    assert len(resumed) == len(whole) == 10
+    assert episodes_of(DataLoader(resumed, batch_size=None, num_workers=num_workers)) == expected
+
+
 def test_plain_tuple_accepted_and_bad_batch_rejected():
     t = (torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, 3), torch.zeros(1, 3))
     assert as_episode_batch(t).query_x.shape == (1, 3)
