@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
-from torch.utils.data.dataloader import _BaseDataLoaderIter
 
 from .episodes import SPLITS, ClassEpisodeSampler, ClassImages, EpisodeBatch, EpisodeStream, TaskSource
 
@@ -20,14 +19,35 @@ _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",
 
 
 class EpisodeLoader(DataLoader):
-    """A DataLoader over an :class:`EpisodeStream` that tells the stream the current epoch.
+    """A DataLoader over an :class:`EpisodeStream` that tells the stream the epoch and resumes mid-epoch.
 
     The epoch is read when iteration starts, so each epoch draws new training episodes while a
     resumed run redraws the same ones. Workers are not kept alive between epochs, because a
     persistent worker would keep a stale copy of the epoch.
+
+    The loader is stateful in Lightning's sense: :meth:`state_dict` records the stream's epoch and
+    how many of its batches the training loop has consumed, and :meth:`load_state_dict` makes the
+    next iteration start right after them. The Trainer saves this state in every checkpoint and,
+    when a fit restarts mid-epoch, loads it just before it creates the iterator, so the resumed
+    run sees exactly the batches that an uninterrupted run would. ``len()`` stays the length of
+    the whole epoch, because Lightning counts the resumed epoch's batches from its start.
+
+    Args:
+        stream: the episodes to load.
+        num_workers: DataLoader worker processes; the stream deals its batches to them.
+        epoch: returns the current epoch (the trainer's); read when an iteration starts.
+        consumed: returns how many batches of the current epoch the training loop has finished,
+            or None outside a fit; by default, and when it returns None, the number of batches
+            this loader has handed out in the current iteration.
     """
 
-    def __init__(self, stream: EpisodeStream, num_workers: int, epoch: Callable[[], int] | None = None) -> None:
+    def __init__(
+        self,
+        stream: EpisodeStream,
+        num_workers: int,
+        epoch: Callable[[], int] | None = None,
+        consumed: Callable[[], int | None] | None = None,
+    ) -> None:
         super().__init__(
             stream,
             batch_size=None,
@@ -36,11 +56,45 @@ class EpisodeLoader(DataLoader):
             persistent_workers=False,
         )
         self._epoch = epoch
+        self._consumed = consumed
+        self._handed_out = 0
+        self._resume_at: tuple[int, int] | None = None
 
-    def __iter__(self) -> _BaseDataLoaderIter:
-        if self._epoch is not None:
-            self.dataset.epoch = self._epoch()  # type: ignore[attr-defined]
-        return super().__iter__()
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        stream: EpisodeStream = self.dataset  # type: ignore[assignment]
+        if self._resume_at is not None:
+            epoch, start = self._resume_at
+            self._resume_at = None
+            if start >= len(stream):
+                # Saved after the epoch's last batch: the next iteration is the next epoch's.
+                epoch, start = epoch + 1, 0
+        else:
+            epoch = self._epoch() if self._epoch is not None else stream.epoch
+            start = 0
+        stream.epoch, stream.start = epoch, start
+        self._handed_out = start
+        return self._count(super().__iter__())
+
+    def _count(self, batches: Iterator[Any]) -> Iterator[Any]:
+        # Counted in the main process as batches leave the loader, so batches that workers have
+        # prefetched but nobody has taken yet do not count.
+        for batch in batches:
+            self._handed_out += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        """The position in the training stream: ``{"epoch": e, "batches_consumed": n}``.
+
+        Under DDP every rank runs the same number of training batches in lockstep, so the
+        position that rank 0 saves holds for every rank; each rank still draws its own episodes.
+        """
+        consumed = self._consumed() if self._consumed is not None else None
+        stream: EpisodeStream = self.dataset  # type: ignore[assignment]
+        return {"epoch": stream.epoch, "batches_consumed": self._handed_out if consumed is None else consumed}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Start the next iteration after the first ``batches_consumed`` batches of epoch ``epoch``."""
+        self._resume_at = (int(state_dict["epoch"]), int(state_dict["batches_consumed"]))
 
 
 class EpisodicDataModule(pl.LightningDataModule):
@@ -108,6 +162,8 @@ class EpisodicDataModule(pl.LightningDataModule):
         self.train_ways, self.train_shots, self.train_queries = train_ways, train_shots, train_queries
         self.seed, self.num_workers = seed, num_workers
         self.streams: dict[str, EpisodeStream] = {}
+        self._train_loader: EpisodeLoader | None = None
+        self._train_resume_at: dict[str, int] | None = None
 
     # ----------------------------------------------------------------- hooks for bundles
     def load_split(self, split: str) -> ClassImages:
@@ -164,6 +220,12 @@ class EpisodicDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         """Build the episode streams of the splits that ``stage`` needs."""
+        # The Trainer calls setup before it restores a checkpoint, so a position loaded by an
+        # earlier run (say trainer.validate(ckpt_path=...)) never leaks into this one.
+        self._train_resume_at = None
+        self._build_streams(stage)
+
+    def _build_streams(self, stage: str) -> None:
         rank, world = self._rank_and_world()
         for split in _STAGE_SPLITS[stage]:
             if split in self.streams and (self.streams[split].rank, self.streams[split].world_size) == (
@@ -183,11 +245,43 @@ class EpisodicDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str) -> EpisodeLoader:
         if split not in self.streams:
-            self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
-        epoch = None
-        if split == "train":
-            epoch = lambda: self.trainer.current_epoch if self.trainer is not None else 0  # noqa: E731
-        return EpisodeLoader(self.streams[split], self.num_workers, epoch)
+            self._build_streams({"train": "fit", "val": "validate", "test": "test"}[split])
+        if split != "train":
+            return EpisodeLoader(self.streams[split], self.num_workers)
+        loader = EpisodeLoader(self.streams[split], self.num_workers, self._current_epoch, self._batches_trained)
+        if self._train_resume_at is not None:
+            loader.load_state_dict(self._train_resume_at)
+            self._train_resume_at = None
+        self._train_loader = loader
+        return loader
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training stream's position, which the Trainer saves in every checkpoint.
+
+        ``{"train": {"epoch": e, "batches_consumed": n}}`` (see :meth:`EpisodeLoader.state_dict`),
+        or ``{}`` before a training DataLoader exists.
+        """
+        return {} if self._train_loader is None else {"train": self._train_loader.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Make the next training DataLoader start where the saved stream stopped.
+
+        The Trainer calls this on every resume, before it asks for the training DataLoader. A
+        checkpoint saved mid-epoch continues that epoch after its consumed batches; one saved
+        after an epoch's last batch starts the next epoch at its first batch. (The Trainer also
+        restores the loader's own state when it restarts mid-epoch; both hold the same position.)
+        """
+        self._train_resume_at = state_dict.get("train")
+
+    def _current_epoch(self) -> int:
+        return self.trainer.current_epoch if self.trainer is not None else 0
+
+    def _batches_trained(self) -> int | None:
+        # `processed` is where Lightning resumes: a batch whose step was interrupted (a checkpoint
+        # taken on an exception or a preemption signal) is trained again, one whose step ended is not.
+        if self.trainer is None:
+            return None
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed  # type: ignore[attr-defined]
 
     def train_dataloader(self) -> EpisodeLoader:
         return self._loader("train")
