@@ -2,6 +2,7 @@
 
 from .base import EpisodeLoader, EpisodicDataModule
 from .episodes import ClassEpisodeSampler, ClassImages, EpisodeBatch, EpisodeStream, as_episode_batch
+from .learn2learn_tasks import Learn2LearnTasks
 from .omniglot import Omniglot
 from .sinusoid import Sinusoid
 
@@ -12,6 +13,7 @@ __all__ = [
     "EpisodeLoader",
     "EpisodeStream",
     "EpisodicDataModule",
+    "Learn2LearnTasks",
     "Omniglot",
     "Sinusoid",
     "as_episode_batch",
