@@ -5,7 +5,8 @@ subprocess so its peak resident memory (max RSS above the RSS before the first s
 Prints a markdown table with ratios to learn2learn fp32.
 
     python benchmarks/maml_speed.py                # needs the learn2learn extra
-    python benchmarks/maml_speed.py --steps 5
+    python benchmarks/maml_speed.py --steps 5 --settings omniglot_5w1s --variants "learn2learn fp32" "ours loop bf16"
+    python benchmarks/maml_speed.py --one omniglot_5w1s "ours loop bf16" second --profile   # top ops of one step
 """
 
 from __future__ import annotations
@@ -31,7 +32,16 @@ SETTINGS = {
         ways=5, shots=1, queries=15, tasks=4, steps=5, lr=0.01, size=84, channels=3, hidden=32, pooling="max"
     ),
 }
-VARIANTS = ["learn2learn fp32", "ours loop fp32", "ours vmap fp32", "ours loop bf16", "ours vmap bf16"]
+# "nchw": our Conv4 fed contiguous (channels-first) tensors instead of channels-last, its default.
+VARIANTS = [
+    "learn2learn fp32",
+    "ours loop fp32",
+    "ours loop fp32 nchw",
+    "ours vmap fp32",
+    "ours loop bf16",
+    "ours loop bf16 nchw",
+    "ours vmap bf16",
+]
 
 
 def make_batch(s: dict):
@@ -56,7 +66,7 @@ def reference_model(s: dict):
     return l2l.vision.models.MiniImagenetCNN(output_size=s["ways"], hidden_size=s["hidden"])
 
 
-def run_one(setting: str, variant: str, first_order: bool, steps: int) -> dict:
+def run_one(setting: str, variant: str, first_order: bool, steps: int, profile: bool = False) -> dict:
     s = SETTINGS[setting]
     torch.manual_seed(0)
     batch = make_batch(s)
@@ -82,7 +92,9 @@ def run_one(setting: str, variant: str, first_order: bool, steps: int) -> dict:
 
         backbone = Conv4(s["channels"], s["hidden"], s["size"], s["ways"], s["pooling"], track_running_stats=False)
         mode = "vmap" if "vmap" in variant else "loop"
-        model = MAML(backbone, s["lr"], s["steps"], s["steps"], first_order, task_batching=mode).train()
+        nhwc = "nchw" not in variant
+        model = MAML(backbone, s["lr"], s["steps"], s["steps"], first_order, task_batching=mode, channels_last=nhwc)
+        model.train()
         optimizer = torch.optim.Adam(model.parameters(), 1e-3)
         bf16 = "bf16" in variant
 
@@ -95,6 +107,10 @@ def run_one(setting: str, variant: str, first_order: bool, steps: int) -> dict:
 
     rss_before = _rss_mb()
     step()  # warm-up
+    if profile:
+        with torch.profiler.profile() as prof:
+            step()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), file=sys.stderr)
     start = time.perf_counter()
     for _ in range(steps):
         step()
@@ -112,11 +128,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS))
+    parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     parser.add_argument("--one", nargs=3, metavar=("SETTING", "VARIANT", "ORDER"))
+    parser.add_argument("--profile", action="store_true", help="with --one: print the top ops of one step")
     args = parser.parse_args()
     if args.one:
         setting, variant, order = args.one
-        print(json.dumps(run_one(setting, variant, order == "first", args.steps)))
+        print(json.dumps(run_one(setting, variant, order == "first", args.steps, args.profile)))
         return
     print(
         f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, {args.steps} timed steps"
@@ -126,7 +144,7 @@ def main() -> None:
     for setting in args.settings:
         for order in ("second", "first"):
             results = {}
-            for variant in VARIANTS:
+            for variant in args.variants:
                 out = subprocess.run(
                     [sys.executable, __file__, "--steps", str(args.steps), "--one", setting, variant, order],
                     capture_output=True,
