@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import warnings
 import zipfile
@@ -16,6 +15,7 @@ from PIL import Image
 
 from .base import EpisodicDataModule
 from .episodes import ClassImages
+from .images import cache_folder, load_cache, save_cache
 
 ZIPS = ("images_background", "images_evaluation")
 URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/{}.zip"
@@ -97,11 +97,6 @@ def read_zip(path: Path, image_size: int) -> tuple[list[str], torch.Tensor]:
     return names, images
 
 
-def _writable(folder: Path) -> bool:
-    # os.access says yes to root even for a folder marked read-only (like a shared data mount).
-    return folder.is_dir() and os.access(folder, os.W_OK) and bool(folder.stat().st_mode & 0o222)
-
-
 class Omniglot(EpisodicDataModule):
     """Omniglot episodes: 1623 handwritten characters, 20 drawings each (Lake et al. 2015).
 
@@ -167,10 +162,7 @@ class Omniglot(EpisodicDataModule):
 
     def cache_path(self) -> Path:
         """Where the resized uint8 tensor is (or will be) cached."""
-        folder = Path(self.cache_dir).expanduser() if self.cache_dir else self.root
-        if self.cache_dir is None and not _writable(self.root):
-            folder = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lightning_meta" / "omniglot"
-        return folder / f"omniglot_{self.image_size}px.pt"
+        return cache_folder(self.root, "omniglot", self.cache_dir) / f"omniglot_{self.image_size}px.pt"
 
     def _stamp(self) -> list[list[int | str]]:
         return [[name, self._zip(name).stat().st_size, self._zip(name).stat().st_mtime_ns] for name in ZIPS]
@@ -192,27 +184,19 @@ class Omniglot(EpisodicDataModule):
             )
         cache = self.cache_path()
         stamp = self._stamp()
-        if cache.exists():
-            try:
-                saved = torch.load(cache, weights_only=True)
-                if saved["version"] == _CACHE_VERSION and saved["stamp"] == stamp:
-                    self._all = saved["names"], saved["images"]
-                    return self._all
-            except Exception as err:  # an unreadable cache is rebuilt, never fatal
-                warnings.warn(f"ignoring unreadable cache {cache}: {err}", stacklevel=2)
+        saved = load_cache(cache, _CACHE_VERSION, stamp)
+        if saved is not None:
+            self._all = saved["names"], saved["images"]
+            return self._all
         names, parts = [], []
         for name in ZIPS:
             chars, images = read_zip(self._zip(name), self.image_size)
             names += chars
             parts.append(images)
         self._all = names, torch.cat(parts)
-        try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(f".tmp{os.getpid()}")
-            torch.save({"version": _CACHE_VERSION, "stamp": stamp, "names": names, "images": self._all[1]}, tmp)
-            tmp.replace(cache)
-        except OSError as err:
-            warnings.warn(f"could not write the Omniglot cache {cache} ({err}); set cache_dir=", stacklevel=2)
+        save_cache(
+            cache, {"version": _CACHE_VERSION, "stamp": stamp, "names": names, "images": self._all[1]}, "Omniglot"
+        )
         return self._all
 
     # ------------------------------------------------------------------ splits

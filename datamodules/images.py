@@ -1,0 +1,314 @@
+"""Shared pieces of the image bundles: decoding, resizing, the uint8 tensor cache and their base class.
+
+Every image bundle turns its official files into a class-indexed uint8 tensor once
+(:class:`~datamodules.episodes.ClassImages`) and caches it with ``torch.save`` beside the data,
+or under ``~/.cache/lightning_meta/<name>`` when the data folder is read-only. A cache records a
+stamp of the files it was built from (relative path, size, modification time) and is rebuilt when
+they change. Caches are memory-mapped on load, so a large split (tiered-ImageNet's 9.5 GB training
+set) opens at once and is shared by the processes of one machine through the page cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .augment import random_crop_flip
+from .base import EpisodicDataModule
+from .episodes import SPLITS, ClassImages
+
+#: File name endings that PIL can open; other files in an image folder (notes, lists) are skipped.
+IMAGE_EXTENSIONS = frozenset(ext.lower() for ext in Image.registered_extensions())
+
+
+# ----------------------------------------------------------------------------- cache placement
+def writable(folder: Path) -> bool:
+    """Whether new files can be written in ``folder``."""
+    # os.access says yes to root even for a folder marked read-only (like a shared data mount).
+    return folder.is_dir() and os.access(folder, os.W_OK) and bool(folder.stat().st_mode & 0o222)
+
+
+def cache_folder(root: Path, name: str, cache_dir: str | None) -> Path:
+    """``cache_dir`` if given, else ``root`` when writable, else ``$XDG_CACHE_HOME/lightning_meta/<name>``."""
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    if writable(root):
+        return root
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lightning_meta" / name
+
+
+def files_stamp(files: Iterable[Path], root: Path) -> str:
+    """A digest of the relative paths, sizes and modification times of ``files``: changes when any file does."""
+    digest = hashlib.blake2b(digest_size=16)
+    for path in files:
+        stat = path.stat()
+        # Relative names keep the cache valid when the data folder moves.
+        name = path.relative_to(root) if path.is_relative_to(root) else path
+        digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def load_cache(path: Path, version: int, stamp: Any) -> dict[str, Any] | None:
+    """The saved dict at ``path`` if it has this ``version`` and ``stamp``; None when absent, stale or unreadable."""
+    if not path.exists():
+        return None
+    try:
+        saved = torch.load(path, weights_only=True, mmap=True)
+        if saved["version"] == version and saved["stamp"] == stamp:
+            return saved
+    except Exception as err:  # an unreadable cache is rebuilt, never fatal
+        warnings.warn(f"ignoring unreadable cache {path}: {err}", stacklevel=3)
+    return None
+
+
+def save_cache(path: Path, content: dict[str, Any], what: str) -> None:
+    """Write ``content`` to ``path`` atomically (a reader never sees half a file); warn when it cannot."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(content, tmp)
+        tmp.replace(path)
+    except OSError as err:
+        warnings.warn(f"could not write the {what} cache {path} ({err}); set cache_dir=", stacklevel=3)
+
+
+# ----------------------------------------------------------------------------- decoding
+def decode_image(source: bytes | Path, size: int, mode: str, name: str | None = None) -> torch.Tensor:
+    """Decode one image file (or its bytes) into a ``[C, size, size]`` uint8 tensor.
+
+    ``mode`` is PIL's "RGB" or "L". The image is resized to a square (aspect ratio not kept, as in
+    the few-shot literature) with Lanczos filtering. Raises ValueError naming ``name`` (or the
+    path) when PIL cannot read it.
+    """
+    label = name if name is not None else str(source)
+    try:
+        with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as im:
+            if im.format == "JPEG":
+                im.draft(mode, (size, size))  # decode at a reduced scale that is still >= size: much faster
+            converted = im.convert(mode)
+            if converted.size != (size, size):
+                converted = converted.resize((size, size), Image.Resampling.LANCZOS)
+            array = np.asarray(converted, dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise ValueError(f"cannot decode image '{label}' ({err}); the file is corrupt or not an image") from err
+    tensor = torch.from_numpy(array.copy())
+    return tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1)
+
+
+def decode_images(
+    sources: Sequence[bytes | Path], size: int, mode: str, names: Sequence[str] | None = None
+) -> torch.Tensor:
+    """Decode many images (see :func:`decode_image`) into one preallocated ``[N, C, size, size]`` uint8 tensor."""
+    out = torch.empty(len(sources), 3 if mode == "RGB" else 1, size, size, dtype=torch.uint8)
+    for i, source in enumerate(sources):
+        out[i] = decode_image(source, size, mode, names[i] if names is not None else None)
+    return out
+
+
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize ``[N, C, H, W]`` uint8 images to ``size x size`` (antialiased bilinear); no copy when they fit."""
+    if images.shape[-2:] == (size, size):
+        return images
+    small = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return small.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def gather_hwc(array: np.ndarray, order: np.ndarray, size: int, bgr: bool = False, chunk: int = 2048) -> torch.Tensor:
+    """``array[order]`` of ``[N, H, W, 3]`` uint8 images as ``[len(order), 3, size, size]``, chunk by chunk.
+
+    Going in chunks keeps the peak memory near one copy of the data (tiered-ImageNet's training
+    split is 9.5 GB). ``bgr`` swaps the channels of images stored in OpenCV's BGR order.
+    """
+    out = torch.empty(len(order), 3, size, size, dtype=torch.uint8)
+    for start in range(0, len(order), chunk):
+        part = torch.from_numpy(np.ascontiguousarray(array[order[start : start + chunk]])).permute(0, 3, 1, 2)
+        if bgr:
+            part = part.flip(1)
+        out[start : start + chunk] = resize_images(part, size)
+    return out
+
+
+def check_hwc(array: Any, path: Path, key: str) -> np.ndarray:
+    """Return ``array`` if it is ``[N, H, W, 3]`` uint8 images, else raise ValueError naming ``path`` and ``key``."""
+    if not isinstance(array, np.ndarray) or array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] != 3:
+        shape = getattr(array, "shape", None)
+        dtype = getattr(array, "dtype", type(array).__name__)
+        raise ValueError(
+            f"{path}: '{key}' must be uint8 RGB images [N, H, W, 3], got {dtype} of shape {shape}; "
+            "use the original file"
+        )
+    return array
+
+
+def class_offsets(counts: Sequence[int]) -> torch.Tensor:
+    """The ``[num_classes + 1]`` offsets of :class:`ClassImages` from the number of images of each class."""
+    offsets = torch.zeros(len(counts) + 1, dtype=torch.long)
+    offsets[1:] = torch.as_tensor(list(counts), dtype=torch.long).cumsum(0)
+    return offsets
+
+
+def group_by_label(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    """The sorted distinct labels, the order that groups the items by label (stable), and the class offsets."""
+    classes, counts = np.unique(labels, return_counts=True)
+    return classes, np.argsort(labels, kind="stable"), class_offsets(counts.tolist())
+
+
+def warn_class_counts(data: ClassImages, split: str, expected: dict[str, int], what: str, source: Path) -> None:
+    """Warn when ``split`` does not have the number of classes of the official files (a subset is allowed)."""
+    if data.num_classes != expected[split]:
+        warnings.warn(
+            f"the '{split}' split of {what} in {source} has {data.num_classes} classes, the official one "
+            f"has {expected[split]}",
+            stacklevel=3,
+        )
+
+
+# ----------------------------------------------------------------------------- base class
+class CachedImageBundle(EpisodicDataModule):
+    """Base of the image bundles: files read by :meth:`read_split`, cached as uint8 tensors, optional augmentation.
+
+    A subclass sets :attr:`cache_name` and implements :meth:`source_files` (the files a split is read
+    from, raising FileNotFoundError that describes the expected layout when they are missing) and
+    :meth:`read_split` (the real reading code). The cache of a split is
+    ``<cache folder>/<cache_name>_<split>_<S>px.pt``; it is rebuilt when those files or
+    :meth:`cache_params` change.
+
+    Args:
+        root: the data folder.
+        image_size: side of the square images after resizing.
+        augment: random crop (8 px padding) and horizontal flip of training images, on the device.
+        cache_dir: where the uint8 tensors are cached; default ``root``, or
+            ``~/.cache/lightning_meta/<name>`` when ``root`` is read-only.
+        ways, shots, queries, tasks_per_batch, train_episodes, val_episodes, test_episodes,
+        train_ways, train_shots, train_queries, seed, num_workers: see :class:`EpisodicDataModule`.
+    """
+
+    #: Short name for cache files and the fallback cache folder.
+    cache_name: ClassVar[str] = "images"
+    #: Bump when the cached content of a bundle changes meaning.
+    cache_version: ClassVar[int] = 1
+
+    def __init__(
+        self,
+        root: str,
+        image_size: int,
+        augment: bool,
+        cache_dir: str | None,
+        ways: int,
+        shots: int,
+        queries: int,
+        tasks_per_batch: int,
+        train_episodes: int,
+        val_episodes: int,
+        test_episodes: int,
+        train_ways: int | None,
+        train_shots: int | None,
+        train_queries: int | None,
+        seed: int,
+        num_workers: int,
+    ) -> None:
+        super().__init__(
+            ways, shots, queries, tasks_per_batch, train_episodes, val_episodes, test_episodes,
+            train_ways, train_shots, train_queries, seed, num_workers,
+        )  # fmt: skip
+        if not isinstance(image_size, int) or image_size < 1:
+            raise ValueError(f"image_size={image_size!r} must be a positive integer")
+        self.root, self.image_size = Path(root).expanduser(), image_size
+        self.augment, self.cache_dir = augment, cache_dir
+        self._loaded: dict[str, ClassImages] = {}
+
+    # ------------------------------------------------------------------ hooks for subclasses
+    def source_files(self, split: str) -> list[Path]:
+        """The files that ``split`` is read from; raise FileNotFoundError describing the layout if missing."""
+        raise NotImplementedError
+
+    def read_split(self, split: str) -> ClassImages:
+        """Read ``split`` from :meth:`source_files` into uint8 ``[M, C, S, S]`` images (no cache)."""
+        raise NotImplementedError
+
+    def cache_params(self) -> list[Any]:
+        """Settings besides ``image_size`` that change the cached tensor (part of the cache stamp)."""
+        return []
+
+    def cache_folder_name(self) -> str:
+        """Folder under ``~/.cache/lightning_meta`` used when ``root`` is read-only."""
+        return self.cache_name
+
+    # ------------------------------------------------------------------ caching
+    def cache_path(self, split: str) -> Path:
+        """Where the uint8 tensor of ``split`` is (or will be) cached."""
+        folder = cache_folder(self.root, self.cache_folder_name(), self.cache_dir)
+        return folder / f"{self.cache_name}_{split}_{self.image_size}px.pt"
+
+    def load_split(self, split: str) -> ClassImages:
+        """The class-indexed images of ``split``, from the cache when it matches the files."""
+        if split in self._loaded:
+            return self._loaded[split]
+        files = self.source_files(split)
+        stamp = [self.cache_params(), files_stamp(files, self.root)]
+        path = self.cache_path(split)
+        saved = load_cache(path, self.cache_version, stamp)
+        if saved is not None:
+            data = ClassImages(saved["images"], saved["offsets"], list(saved["names"]))
+        else:
+            data = self.read_split(split)
+            content = {"images": data.images, "offsets": data.offsets, "names": data.names}
+            save_cache(path, {"version": self.cache_version, "stamp": stamp, **content}, type(self).__name__)
+        self._loaded[split] = data
+        return data
+
+    def prepare_data(self) -> None:
+        """Read every split once and write the caches, on one process."""
+        for split in SPLITS:
+            self.load_split(split)
+
+    def augment_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Random crop and flip of training images when ``augment`` (see :func:`random_crop_flip`)."""
+        return random_crop_flip(images) if self.augment else images
+
+
+def read_pickle(path: Path) -> Any:
+    """Unpickle ``path`` (Python 2 pickles too); ValueError naming the file when it is not a readable pickle.
+
+    Pickles can run code when loaded: only read files from a source you trust.
+    """
+    try:
+        with path.open("rb") as f:
+            # latin1 reads the numpy arrays and str of Python 2 pickles, the form most of these files have.
+            return pickle.load(f, encoding="latin1")
+    except Exception as err:
+        raise ValueError(
+            f"{path} is not a readable pickle ({type(err).__name__}: {err}); the file is corrupt or "
+            "truncated: copy or download it again"
+        ) from err
+
+
+__all__ = [
+    "CachedImageBundle",
+    "IMAGE_EXTENSIONS",
+    "cache_folder",
+    "check_hwc",
+    "class_offsets",
+    "decode_image",
+    "decode_images",
+    "files_stamp",
+    "gather_hwc",
+    "group_by_label",
+    "load_cache",
+    "read_pickle",
+    "resize_images",
+    "save_cache",
+    "warn_class_counts",
+    "writable",
+]
