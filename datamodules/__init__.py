@@ -1,6 +1,7 @@
 """Episodic LightningDataModules and dataset bundles for few-shot learning."""
 
 from .base import EpisodeLoader, EpisodicDataModule
+from .cifar import CIFARFS, FC100
 from .cub import CUB
 from .episodes import ClassEpisodeSampler, ClassImages, EpisodeBatch, EpisodeStream, as_episode_batch
 from .imagefolder import EpisodicImageFolder
@@ -11,6 +12,7 @@ from .sinusoid import Sinusoid
 from .tieredimagenet import TieredImageNet
 
 __all__ = [
+    "CIFARFS",
     "CUB",
     "ClassEpisodeSampler",
     "ClassImages",
@@ -19,6 +21,7 @@ __all__ = [
     "EpisodeStream",
     "EpisodicImageFolder",
     "EpisodicDataModule",
+    "FC100",
     "Learn2LearnTasks",
     "MiniImageNet",
     "Omniglot",

@@ -172,3 +172,22 @@ def fake_cub(folder: Path) -> list[str]:
 @fake_data("EpisodicImageFolder")
 def fake_imagefolder(folder: Path) -> list[str]:
     return ["--data.root", str(write_imagefolder(folder / "images", size=84)), "--data.train_ways", "5"]
+
+
+# ----------------------------------------------------------------------------- CIFAR-FS and FC100
+# The committed archive of tests/data/cifar100 (real names and format, 10 images per class, see its
+# make_data.py); the configs' 15 queries are cut to 4 so 5 shots + 4 queries fit.
+def copy_fake_cifar100(folder: Path) -> Path:
+    """A writable copy of the tiny generated ``cifar-100-python.tar.gz`` in ``folder/cifar100``."""
+    import shutil
+
+    root = folder / "cifar100"
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copy(Path(__file__).parent / "data" / "cifar100" / "cifar-100-python.tar.gz", root)
+    return root
+
+
+@fake_data("CIFARFS")
+@fake_data("FC100")
+def fake_cifar100(folder: Path) -> list[str]:
+    return ["--data.root", str(copy_fake_cifar100(folder)), "--data.queries", "4", "--data.train_queries", "4"]
