@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -42,6 +42,9 @@ class MAML(EpisodicModule):
     Research variants override :meth:`adapt`, :meth:`inner_loss` or :meth:`outer_loss` (ANIL, for
     instance, is ``adapt`` restricted to the head's parameters).
 
+    With ``adaptation_curve``, validation and test also log the query loss after each inner step,
+    ``val_adapt/loss_step_<k>`` (one extra query forward per step, without gradients).
+
     Args:
         backbone: the network, ending in one output per way (or the regression output).
         inner_lr: step size of the inner SGD steps (alpha), or the initial value when learned.
@@ -51,6 +54,7 @@ class MAML(EpisodicModule):
         learn_inner_lr: Meta-SGD step sizes: False, True/"tensor" or "element".
         task_batching: "auto", "loop" or "vmap", see above.
         channels_last: feed image batches in channels-last memory format.
+        adaptation_curve: log the query loss after each inner step during validation and test.
         optimizer: outer optimizer factory (Adam, lr 1e-3 by default).
         lr_scheduler: optional outer scheduler factory.
     """
@@ -67,6 +71,7 @@ class MAML(EpisodicModule):
         learn_inner_lr: bool | Literal["tensor", "element"] = False,
         task_batching: Literal["auto", "loop", "vmap"] = "auto",
         channels_last: bool = True,
+        adaptation_curve: bool = True,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -80,6 +85,7 @@ class MAML(EpisodicModule):
         super().__init__(backbone, optimizer, lr_scheduler)
         self.inner_lr, self.inner_steps, self.inner_steps_eval = inner_lr, inner_steps, inner_steps_eval
         self.first_order, self.task_batching, self.channels_last = first_order, task_batching, channels_last
+        self.adaptation_curve = adaptation_curve
         self._vmapping = False
         self._chosen_batching: dict[bool, str] = {}
         self.inner_lrs: nn.ParameterDict | None = None
@@ -124,9 +130,11 @@ class MAML(EpisodicModule):
             steps = self.inner_steps if self.training else self.inner_steps_eval
         second_order = self.training and not self.first_order and torch.is_grad_enabled()
         with torch.enable_grad():  # evaluation adapts too, inside Lightning's no_grad
-            for _ in range(steps):
+            for step in range(steps):
+                self.on_inner_step(step, steps, params)
                 grads = self._inner_gradients(params, support_x, support_y, second_order)
                 params = {name: p - self.step_size(name) * grads[name] for name, p in params.items()}
+        self.on_inner_step(steps, steps, params)
         return params
 
     def _inner_gradients(self, params: Params, support_x: Tensor, support_y: Tensor, second_order: bool) -> Params:
@@ -154,6 +162,14 @@ class MAML(EpisodicModule):
         prediction = self.forward_with(self.adapt(support_x, support_y), query_x)
         return self.outer_loss(prediction, query_y), prediction
 
+    def _task_loss_and_curve(
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`task_loss` and the task's query losses along the inner loop (evaluation only)."""
+        with self.inner_step_losses(lambda p: self.outer_loss(self.forward_with(p, query_x), query_y)) as curve:
+            loss, prediction = self.task_loss(support_x, support_y, query_x, query_y)
+        return loss, prediction, curve.finish(loss)
+
     def episode_loss(self, batch: EpisodeBatch) -> tuple[Tensor, Tensor]:
         if self.channels_last:
             batch = batch._replace(support_x=to_channels_last(batch.support_x), query_x=to_channels_last(batch.query_x))
@@ -168,9 +184,15 @@ class MAML(EpisodicModule):
         self._vmapping = True
         try:
             with vmap_safe_batch_norm():
-                return vmap(self.task_loss)(*batch)
+                loss, prediction, *curve = vmap(self._task_fn())(*batch)
         finally:
             self._vmapping = False
+        if curve:
+            self.record_adaptation_curve(curve[0])
+        return loss, prediction
+
+    def _task_fn(self) -> Callable[..., tuple[Tensor, ...]]:
+        return self._task_loss_and_curve if self.recording_adaptation_curve() else self.task_loss
 
     def _loop_tasks(self, batch: EpisodeBatch) -> tuple[Tensor, Tensor]:
         meta_params = [p for p in self.parameters() if p.requires_grad]
@@ -179,9 +201,11 @@ class MAML(EpisodicModule):
         per_task_backward = self.training and torch.is_grad_enabled() and bool(meta_params)
         scale = self._loss_scale() if per_task_backward else 1.0
         summed: list[Tensor | None] = [None] * len(meta_params)
-        losses, predictions = [], []
+        losses, predictions, curves = [], [], []
+        task = self._task_fn()
         for t in range(batch.num_tasks):
-            loss, prediction = self.task_loss(*(part[t] for part in batch))
+            loss, prediction, *curve = task(*(part[t] for part in batch))
+            curves += curve
             if per_task_backward:
                 grads = torch.autograd.grad(loss * scale, meta_params, allow_unused=True)
                 summed = [s if g is None else g if s is None else s.add_(g) for s, g in zip(summed, grads, strict=True)]
@@ -189,6 +213,8 @@ class MAML(EpisodicModule):
             losses.append(loss)
             predictions.append(prediction.detach())
         stacked = torch.stack(losses)
+        if curves:
+            self.record_adaptation_curve(torch.stack(curves))
         if per_task_backward:
             stacked = stacked + _gradient_stand_in(meta_params, summed, scale * batch.num_tasks)
         return stacked, torch.stack(predictions)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -36,6 +37,9 @@ class Reptile(EpisodicModule):
     Tasks run one after another (``task_batching="loop"``) or together under ``torch.func.vmap``
     (``"vmap"``, for backbones vmap can run; ``Conv4(track_running_stats=False)`` can).
 
+    With ``adaptation_curve``, validation and test also log the query loss along the fine-tuning,
+    ``val_adapt/loss_step_<k>``, at steps 0, 1, 2, 4, 8, ... and the last (every step up to 10).
+
     Args:
         backbone: the network, ending in one output per way (or the regression output).
         inner_lr: step size of the inner optimizer.
@@ -49,6 +53,7 @@ class Reptile(EpisodicModule):
         transductive: evaluate queries together (True) or one at a time (False).
         task_batching: "loop" or "vmap".
         channels_last: feed image batches in channels-last memory format.
+        adaptation_curve: log the query loss along the fine-tuning during validation and test.
     """
 
     needs_grad_in_eval = True
@@ -67,6 +72,7 @@ class Reptile(EpisodicModule):
         transductive: bool = True,
         task_batching: Literal["loop", "vmap"] = "loop",
         channels_last: bool = True,
+        adaptation_curve: bool = True,
     ) -> None:
         if inner_optimizer not in ("adam", "sgd"):
             raise ValueError(f"inner_optimizer={inner_optimizer!r} must be 'adam' or 'sgd'")
@@ -86,6 +92,7 @@ class Reptile(EpisodicModule):
         self.inner_batch_size_eval = inner_batch_size_eval or inner_batch_size
         self.outer_lr, self.transductive = outer_lr, transductive
         self.task_batching, self.channels_last = task_batching, channels_last
+        self.adaptation_curve = adaptation_curve
         self._vmapping = False
 
     def _linear_to_zero(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
@@ -120,9 +127,11 @@ class Reptile(EpisodicModule):
         state = {name: (torch.zeros_like(p), torch.zeros_like(p)) for name, p in params.items()}
         with torch.enable_grad():
             for step in range(batches.shape[0]):
+                self.on_inner_step(step, batches.shape[0], params)
                 index = batches[step]
                 grads = self._gradients(params, support_x[index], support_y[index])
                 params, state = self._inner_update(params, grads, state, step + 1)
+        self.on_inner_step(batches.shape[0], batches.shape[0], params)
         return params
 
     def _gradients(self, params: Params, x: Tensor, y: Tensor) -> Params:
@@ -152,17 +161,32 @@ class Reptile(EpisodicModule):
         return new_params, new_state
 
     # ------------------------------------------------------------------ episodes
+    def _predict(self, params: Params, support_x: Tensor, query_x: Tensor) -> Tensor:
+        if self.transductive:
+            return self.forward_with(params, query_x)
+
+        # One query at a time, with the support set beside it for the batch statistics.
+        def one(q: Tensor) -> Tensor:
+            return self.forward_with(params, torch.cat([support_x, q.unsqueeze(0)]))[-1]
+
+        return vmap(one)(query_x)
+
     def _task(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, batches: Tensor) -> tuple[Params, Tensor]:
         params = self.fine_tune(support_x, support_y, batches)
         with torch.no_grad():
-            if self.transductive:
-                return params, self.forward_with(params, query_x)
+            return params, self._predict(params, support_x, query_x)
 
-            # One query at a time, with the support set beside it for the batch statistics.
-            def one(q: Tensor) -> Tensor:
-                return self.forward_with(params, torch.cat([support_x, q.unsqueeze(0)]))[-1]
+    def _task_and_curve(
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, batches: Tensor
+    ) -> tuple[Params, Tensor, Tensor]:
+        """:meth:`_task` and the task's query losses along the fine-tuning (evaluation only)."""
 
-            return params, vmap(one)(query_x)
+        def loss(predictions: Tensor) -> Tensor:
+            return self.query_loss(predictions.unsqueeze(0), query_y.unsqueeze(0)).squeeze(0)
+
+        with self.inner_step_losses(lambda p: loss(self._predict(p, support_x, query_x))) as curve:
+            params, predictions = self._task(support_x, support_y, query_x, batches)
+        return params, predictions, curve.finish(loss(predictions))
 
     def episode_loss(self, batch: EpisodeBatch) -> tuple[Tensor, Tensor]:
         if self.channels_last:
@@ -171,20 +195,23 @@ class Reptile(EpisodicModule):
         g = torch.Generator().manual_seed(int(torch.randint(2**62, (1,)).item()) if self.training else 0)
         batches = torch.stack([self.minibatches(batch.support_x.shape[1], steps, g) for _ in range(batch.num_tasks)])
         batches = batches.to(batch.support_x.device)
+        curve = self.recording_adaptation_curve()
+        task: Callable[..., tuple[Any, ...]] = self._task_and_curve if curve else self._task
+        inputs = (batch.support_x, batch.support_y, batch.query_x, *([batch.query_y] if curve else []), batches)
         if self.task_batching == "vmap":
             self._vmapping = True
             try:
                 with vmap_safe_batch_norm():
-                    params, predictions = vmap(self._task)(batch.support_x, batch.support_y, batch.query_x, batches)
+                    params, predictions, *curves = vmap(task)(*inputs)
             finally:
                 self._vmapping = False
         else:
-            results = [
-                self._task(batch.support_x[t], batch.support_y[t], batch.query_x[t], batches[t])
-                for t in range(batch.num_tasks)
-            ]
+            results = [task(*(part[t] for part in inputs)) for t in range(batch.num_tasks)]
             params = {name: torch.stack([r[0][name] for r in results]) for name in results[0][0]}
             predictions = torch.stack([r[1] for r in results])
+            curves = [torch.stack([r[2] for r in results])] if curve else []
+        if curves:
+            self.record_adaptation_curve(curves[0])
         loss = self.query_loss(predictions, batch.query_y)
         if self.training:
             loss = loss.detach() + self._meta_step_stand_in(params)
