@@ -25,10 +25,20 @@ def test_attention_sums_to_one_and_prediction_is_the_weighted_label_mix(fce):
 
 
 def test_attention_is_softmax_of_cosine_similarity():
-    model = MatchingNet(backbone=nn.Identity())
+    model = MatchingNet(backbone=nn.Identity(), normalize_queries=True)
     batch = random_batch()
     cosine = torch.nn.functional.cosine_similarity(batch.query_x.unsqueeze(2), batch.support_x.unsqueeze(1), dim=-1)
     torch.testing.assert_close(model.attention(batch), cosine.softmax(-1), rtol=1e-5, atol=1e-6)
+
+
+def test_by_default_the_query_norm_scales_the_cosine():
+    model = MatchingNet(backbone=nn.Identity())
+    batch = random_batch()
+    cosine = torch.nn.functional.cosine_similarity(batch.query_x.unsqueeze(2), batch.support_x.unsqueeze(1), dim=-1)
+    scaled = cosine * batch.query_x.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(model.attention(batch), scaled.softmax(-1), rtol=1e-5, atol=1e-6)
+    twice = model.attention(batch._replace(query_x=2 * batch.query_x))
+    assert (twice.amax(-1) > model.attention(batch).amax(-1)).all()  # a longer query attends more sharply
 
 
 def test_permuting_the_support_set_does_not_change_predictions_without_fce():
