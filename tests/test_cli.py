@@ -26,6 +26,9 @@ def data_args(config: Path, omniglot_cache, small: bool = False, tmp_path: Path 
         args += FAKE_DATA[name](folder)
     if small and data["init_args"].get("tasks_per_batch", 1) > 2:
         args += ["--data.tasks_per_batch", "2"]  # wiring, not throughput: keep MAML's meta-batch small
+    model = yaml.safe_load(config.read_text())["model"]
+    if small and model["class_path"].endswith("MAML") and model["init_args"].get("task_batching", "auto") == "auto":
+        args += ["--model.init_args.task_batching", "loop"]  # auto times vmap too: minutes at 84x84 on CPU
     return args
 
 
@@ -142,21 +145,3 @@ def test_ddp_with_two_cpu_processes_trains_maml(tmp_path):
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in out.stderr + out.stdout
     tags = scalars(tmp_path / "lightning_logs" / "maml_sinusoid" / "version_0")
     assert len(tags["val/loss"]) == 2 and tags["val/loss"][1] < tags["val/loss"][0]
-
-
-def test_ddp_test_accuracy_equals_single_process(fake_omniglot, tmp_path):
-    """Test episodes are dealt to ranks without duplicates and the metrics are reduced across them."""
-    script = Path(sys.executable).parent / "lightning-meta"
-    command = [str(script), "test", "--config", str(REPO / "configs" / "protonet" / "omniglot_5w1s.yaml")]
-    command += ["--data.root", str(fake_omniglot), "--data.rotations", "false", "--data.ways", "2"]
-    command += ["--data.queries", "4", "--data.test_episodes", "7", "--data.tasks_per_batch", "2"]
-    command += ["--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"]
-    results = {}
-    for devices in (1, 2):
-        extra = ["--trainer.devices", str(devices)] + (["--trainer.strategy", "ddp"] if devices > 1 else [])
-        out = subprocess.run(command + extra, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stderr[-3000:]
-        logs = tmp_path / "lightning_logs" / "protonet_omniglot_5w1s"
-        results[devices] = scalars(sorted(logs.glob("version_*"), key=lambda p: int(p.name.split("_")[1]))[-1])
-    for tag in ("test/acc", "test/acc_ci95", "test/loss"):
-        assert abs(results[1][tag][0] - results[2][tag][0]) < 1e-6, (tag, results)

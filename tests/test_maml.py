@@ -169,3 +169,16 @@ def test_maml_on_miniimagenet_shaped_episodes():
     assert loss.shape == (2,) and logits.shape == (2, 10, 5)
     loss.mean().backward()
     assert backbone.features[0].weight.grad.abs().sum() > 0
+
+
+def test_auto_task_batching_picks_one_path_per_phase_with_the_loop_results():
+    torch.manual_seed(0)
+    auto = MAML(MLP(), inner_lr=0.01, task_batching="auto").train()
+    loop = MAML(MLP(), inner_lr=0.01, task_batching="loop").train()
+    loop.load_state_dict(auto.state_dict())
+    batch = sine_batch()
+    torch.testing.assert_close(auto.episode_loss(batch)[0], loop.episode_loss(batch)[0], rtol=1e-5, atol=1e-6)
+    assert set(auto._chosen_batching) == {True} and auto._chosen_batching[True] in ("loop", "vmap")
+    auto.eval()
+    auto.episode_loss(batch)
+    assert set(auto._chosen_batching) == {True, False}  # evaluation is timed on its own

@@ -1,10 +1,9 @@
-import lightning.pytorch as pl
 import pytest
 import torch
 from episode_factory import make_episodes
 from torch import nn
 
-from datamodules import EpisodeBatch, Omniglot
+from datamodules import EpisodeBatch
 from lightning_meta import Conv4, MatchingNet
 
 
@@ -60,21 +59,3 @@ def test_permuting_the_support_set_does_not_change_predictions_without_fce():
 def test_fce_needs_the_embedding_size():
     with pytest.raises(ValueError, match="embedding_dim"):
         MatchingNet(backbone=nn.Identity(), fce=True)
-
-
-def test_matchingnet_learns_real_omniglot_5w1s(omniglot_cache, tmp_path):
-    """A short CPU run must clearly improve on the untrained network (random conv features already match well)."""
-    pl.seed_everything(0)
-    dm = Omniglot(
-        root=omniglot_cache["root"], cache_dir=omniglot_cache["cache_dir"], ways=5, shots=1, queries=15,
-        train_queries=5, tasks_per_batch=4, train_episodes=1200, val_episodes=200,
-    )  # fmt: skip
-    trainer = pl.Trainer(
-        max_epochs=1, precision="bf16-mixed", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, default_root_dir=tmp_path, inference_mode=False,
-    )  # fmt: skip
-    model = MatchingNet()
-    initial = trainer.validate(model, dm, verbose=False)[0]["val/acc"]
-    trainer.fit(model, dm)
-    accuracy = trainer.callback_metrics["val/acc"].item()
-    assert accuracy >= 0.75 and accuracy >= initial + 0.1, (initial, accuracy)
