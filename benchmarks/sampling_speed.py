@@ -79,6 +79,16 @@ def rate(batches: Callable[[], Iterator[Any]], tasks_per_batch: int, seconds: fl
     return count * tasks_per_batch / elapsed
 
 
+def epochs(loader: Callable[[], Any]) -> Callable[[], Iterator[Any]]:
+    """Batches of ``loader()`` epoch after epoch, so a short epoch does not end the measurement."""
+
+    def batches() -> Iterator[Any]:
+        while True:
+            yield from loader()
+
+    return batches
+
+
 def repeat(call: Callable[[], Any]) -> Callable[[], Iterator[Any]]:
     def batches() -> Iterator[Any]:
         while True:
@@ -148,7 +158,7 @@ def run(name: str, args: argparse.Namespace) -> list[tuple[str, float]]:
     wrapped = Learn2LearnTasks.from_tasksets(tasks, tasks, tasks, ways=WAYS, shots=SHOTS, queries=QUERIES)
     wrapped.setup("fit")
     rows.append(
-        ("learn2learn via Learn2LearnTasks, 0 workers", rate(lambda: iter(wrapped.train_dataloader()), 1, args.seconds))
+        ("learn2learn via Learn2LearnTasks, 0 workers", rate(epochs(wrapped.train_dataloader), 1, args.seconds))
     )
     for bf16 in (False, True):
         label = f"ProtoNet Conv4-64 training step, {'bf16 autocast' if bf16 else 'fp32'}"

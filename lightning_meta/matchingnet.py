@@ -35,7 +35,8 @@ class MatchingNet(EpisodicModule):
         normalize_queries: also normalise the query embeddings (textbook cosine similarity).
         embedding_dim: size of the backbone's output, needed by the LSTMs; default
             ``backbone.embedding_dim``.
-        channels_last: run image backbones in channels-last memory format.
+        channels_last: channels-last memory format for image batches (off by default: on this project's AMX CPU it
+            was slower or no faster for the 28x28 Conv4 models, see benchmarks/RESULTS.md).
         optimizer: outer optimizer factory (Adam, lr 1e-3).
         lr_scheduler: optional scheduler factory.
     """
@@ -47,7 +48,7 @@ class MatchingNet(EpisodicModule):
         fce_steps: int = 5,
         normalize_queries: bool = False,
         embedding_dim: int | None = None,
-        channels_last: bool = True,
+        channels_last: bool = False,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:

@@ -25,7 +25,8 @@ class ProtoNet(EpisodicModule):
         backbone: embedding network; default ``Conv4(in_channels=1)`` (Omniglot).
         distance: "euclidean" (squared, as in the paper) or "cosine".
         cosine_scale: multiplies cosine similarities, which lie in [-1, 1], before the softmax.
-        channels_last: run image backbones in channels-last memory format (faster under bf16).
+        channels_last: channels-last memory format for image batches (off by default: on this project's AMX CPU it
+            was slower or no faster for the 28x28 Conv4 models, see benchmarks/RESULTS.md).
         optimizer: outer optimizer factory (Adam, lr 1e-3 as in the paper).
         lr_scheduler: optional; the paper halves the learning rate every 2000 episodes.
     """
@@ -35,7 +36,7 @@ class ProtoNet(EpisodicModule):
         backbone: nn.Module | None = None,
         distance: Literal["euclidean", "cosine"] = "euclidean",
         cosine_scale: float = 10.0,
-        channels_last: bool = True,
+        channels_last: bool = False,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
