@@ -145,3 +145,47 @@ def test_ddp_with_two_cpu_processes_trains_maml(tmp_path):
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in out.stderr + out.stdout
     tags = scalars(tmp_path / "lightning_logs" / "maml_sinusoid" / "version_0")
     assert len(tags["val/loss"]) == 2 and tags["val/loss"][1] < tags["val/loss"][0]
+
+
+def test_print_config_prints_the_resolved_yaml(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(REPO / "configs" / "maml" / "sinusoid.yaml"), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["class_path"] == "lightning_meta.MAML"
+    assert printed["data"]["init_args"]["shots"] == 10 and printed["trainer"]["inference_mode"] is False
+
+
+def test_a_users_own_subclass_by_class_path(fake_omniglot, tmp_path, monkeypatch):
+    """A module from the user's project, not registered anywhere, runs from the CLI by its class path."""
+    project = tmp_path / "myproject"
+    project.mkdir()
+    (project / "__init__.py").write_text("")
+    (project / "models.py").write_text(
+        "from lightning_meta import ProtoNet\n\n\n"
+        "class CosineProtoNet(ProtoNet):\n"
+        "    def __init__(self, scale: float = 5.0) -> None:\n"
+        "        super().__init__(distance='cosine', cosine_scale=scale)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    cli = make_cli(
+        ["fit", "--model", "myproject.models.CosineProtoNet", "--model.scale", "3", "--data", "Omniglot",
+         "--data.root", str(fake_omniglot), "--data.rotations", "false", "--data.ways", "2", "--data.queries", "3",
+         "--trainer.fast_dev_run", "1", "--trainer.logger", "false"]
+    )  # fmt: skip
+    assert type(cli.model).__name__ == "CosineProtoNet" and cli.model.cosine_scale == 3
+    assert cli.trainer.state.finished
+
+
+def test_validate_best_reproduces_the_best_validation_figure(fake_omniglot, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = REPO / "configs" / "protonet" / "omniglot_5w1s.yaml"
+    common = ["--config", str(config), "--data.root", str(fake_omniglot), "--data.rotations", "false"]
+    common += ["--data.ways", "2", "--data.queries", "3", "--data.train_ways", "2", "--data.val_episodes", "6"]
+    common += ["--trainer.enable_progress_bar", "false", "--trainer.precision", "32"]
+    fit = make_cli(["fit", *common, "--trainer.max_epochs", "3", "--trainer.limit_train_batches", "2"])
+    best = fit.trainer.checkpoint_callback.best_model_score.item()
+    validate = make_cli(["validate", *common, "--ckpt_path", "best"])
+    assert validate.trainer.callback_metrics["val/acc"].item() == pytest.approx(best, abs=1e-6)
