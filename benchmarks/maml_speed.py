@@ -21,6 +21,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from timing import random_episodes
 
 SETTINGS = {
     # The MAML paper's Omniglot setting (learn2learn's OmniglotCNN): 64 filters, stride-2 convs.
@@ -45,17 +46,7 @@ VARIANTS = [
 
 
 def make_batch(s: dict):
-    from datamodules import EpisodeBatch
-
-    g = torch.Generator().manual_seed(0)
-    n, k, q, t = s["ways"], s["shots"], s["queries"], s["tasks"]
-    shape = (s["channels"], s["size"], s["size"])
-    return EpisodeBatch(
-        torch.rand(t, n * k, *shape, generator=g),
-        torch.arange(n).repeat_interleave(k).expand(t, -1).contiguous(),
-        torch.rand(t, n * q, *shape, generator=g),
-        torch.arange(n).repeat_interleave(q).expand(t, -1).contiguous(),
-    )
+    return random_episodes(s["tasks"], s["ways"], s["shots"], s["queries"], (s["channels"], s["size"], s["size"]))
 
 
 def reference_model(s: dict):
