@@ -191,3 +191,17 @@ def copy_fake_cifar100(folder: Path) -> Path:
 @fake_data("FC100")
 def fake_cifar100(folder: Path) -> list[str]:
     return ["--data.root", str(copy_fake_cifar100(folder)), "--data.queries", "4", "--data.train_queries", "4"]
+
+
+# ----------------------------------------------------------------------------- learn2learn task sets
+@fake_data("Learn2LearnTasks")
+def fake_learn2learn_miniimagenet(folder: Path) -> list[str]:
+    """learn2learn's mini-ImageNet benchmark reads the same pickles, with ``-validation`` for the val split."""
+    import shutil
+
+    import pytest
+
+    pytest.importorskip("learn2learn")
+    root = write_miniimagenet(folder / "l2l_miniimagenet")
+    shutil.copy(root / "mini-imagenet-cache-val.pkl", root / "mini-imagenet-cache-validation.pkl")
+    return ["--data.root", str(root), "--data.train_ways", "5", "--data.queries", "2"]
