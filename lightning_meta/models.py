@@ -56,8 +56,9 @@ class TaskBatchNorm2d(nn.Module):
 class Conv4(nn.Module):
     """The 4-block convolutional backbone of the few-shot papers (Vinyals et al. 2016, Snell et al. 2017).
 
-    Each block is a 3x3 convolution with ``hidden`` filters, batch norm and ReLU, followed by 2x2
-    max-pooling (``pooling="max"``), or with the convolution at stride 2 and no pooling
+    Each block is a 3x3 convolution with ``hidden`` filters, batch norm and ReLU, with 2x2
+    max-pooling (``pooling="max"``; applied before the ReLU, which is equivalent and cheaper), or
+    with the convolution at stride 2 and no pooling
     (``pooling="stride"``, the MAML paper's Omniglot network; the final map is averaged over space).
 
     Inputs may have extra leading dimensions (``[..., C, H, W]``, e.g. ``[tasks, shots, C, H, W]``);
@@ -94,12 +95,14 @@ class Conv4(nn.Module):
             layers += [
                 nn.Conv2d(channels, hidden, 3, stride=stride, padding=1),
                 nn.BatchNorm2d(hidden) if track_running_stats else TaskBatchNorm2d(hidden),
-                nn.ReLU(inplace=True),
             ]
             if pooling == "max":
-                layers.append(nn.MaxPool2d(2))
+                # Pooling before the ReLU gives the same outputs and gradients (both are monotone, and
+                # max-pooling picks the first maximum either way) with the ReLU on a quarter of the values.
+                layers += [nn.MaxPool2d(2), nn.ReLU(inplace=True)]
                 size //= 2
             else:
+                layers.append(nn.ReLU(inplace=True))
                 size = (size + 1) // 2
             channels = hidden
         if size < 1:

@@ -30,3 +30,28 @@ def test_mlp_default_is_the_maml_sinusoid_network():
     model = MLP()
     assert [p.shape for p in model.parameters()] == [(40, 1), (40,), (40, 40), (40,), (1, 40), (1,)]
     assert model(torch.rand(7, 1)).shape == (7, 1)
+
+
+def _old_block_order(model: Conv4) -> torch.nn.Sequential:
+    """The textbook order conv, BN, ReLU, pool, built from ``model``'s own layers."""
+    layers = list(model.features)
+    return torch.nn.Sequential(*(m for i in range(0, len(layers), 4) for m in (layers[i], layers[i + 1], layers[i + 3], layers[i + 2])))  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_conv4_pooling_before_relu_matches_the_textbook_order(dtype):
+    torch.manual_seed(0)
+    model = Conv4(1, 8, 28).to(dtype)
+    old = _old_block_order(model)
+    assert [type(m).__name__ for m in old[:4]] == ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d"]
+    # Coarse values make ties in the pooling windows, where only the first maximum may get the gradient.
+    x = (torch.randn(6, 1, 28, 28) * 2).round().to(dtype).requires_grad_()
+    y_new, y_old = model.features(x), old(x)
+    assert torch.equal(y_new, y_old)
+    g = torch.randn_like(y_new)
+    (grad_new,) = torch.autograd.grad(y_new, x, g)
+    (grad_old,) = torch.autograd.grad(old(x), x, g)
+    assert grad_new.abs().sum() > 0
+    assert torch.equal(grad_new, grad_old)
+    # Convolutions and batch norms keep their positions (4b and 4b + 1), so older checkpoints still load.
+    assert {k.rsplit(".", 1)[0] for k in model.state_dict()} == {f"features.{4 * b + j}" for b in range(4) for j in (0, 1)}  # fmt: skip
