@@ -173,6 +173,21 @@ class EpisodicModule(pl.LightningModule):
         self._last_step_time: float | None = None
         self._episodes_per_s: float | None = None
 
+    @property
+    def channels_last(self) -> bool:
+        """Whether the backbone's weights and the image batches use the channels-last memory format.
+
+        Setting it converts the backbone's 4-d weights. Both sides must be channels-last: a
+        convolution picks its output format from its input and weight, and a 1-channel image batch
+        (Omniglot) is contiguous in both formats, so converting only the batch changes nothing.
+        """
+        return getattr(self, "_channels_last", False)
+
+    @channels_last.setter
+    def channels_last(self, value: bool) -> None:
+        self._channels_last = bool(value)
+        self.backbone.to(memory_format=torch.channels_last if value else torch.contiguous_format)
+
     # ------------------------------------------------------------------ the algorithm's part
     def episode_logits(self, batch: EpisodeBatch) -> Tensor:
         """Predict the query set of each episode: ``[B, N*Q, N]`` logits (or ``[B, N*Q, D]`` for regression)."""

@@ -1,3 +1,5 @@
+import copy
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -73,3 +75,18 @@ def test_validate_then_fit_with_default_trainer(fake_omniglot):
     before = trainer.validate(model, dm, verbose=False)[0]["val/acc"]
     trainer.fit(model, dm)
     assert 0 <= before <= 1 and 0 <= trainer.callback_metrics["val/acc"] <= 1
+
+
+def test_channels_last_converts_the_backbone_and_keeps_the_loss():
+    torch.manual_seed(0)
+    batch = make_episodes(2, 5, 1, 3, (1, 28, 28), 0)
+    plain = ProtoNet(Conv4(1, 8, 28))
+    fast = copy.deepcopy(plain)
+    fast.channels_last = True
+    conv = fast.backbone.features[0]
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not plain.backbone.features[4].weight.is_contiguous(memory_format=torch.channels_last)
+    assert fast.backbone.features[4].weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(fast.episode_loss(batch)[0], plain.episode_loss(batch)[0], rtol=1e-4, atol=1e-5)
+    fast.channels_last = False
+    assert fast.backbone.features[4].weight.is_contiguous()
