@@ -35,7 +35,8 @@ def test_mlp_default_is_the_maml_sinusoid_network():
 def _old_block_order(model: Conv4) -> torch.nn.Sequential:
     """The textbook order conv, BN, ReLU, pool, built from ``model``'s own layers."""
     layers = list(model.features)
-    return torch.nn.Sequential(*(m for i in range(0, len(layers), 4) for m in (layers[i], layers[i + 1], layers[i + 3], layers[i + 2])))  # fmt: skip
+    blocks = [layers[i : i + 4] for i in range(0, len(layers), 4)]
+    return torch.nn.Sequential(*(m for conv, bn, pool, relu in blocks for m in (conv, bn, relu, pool)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -54,4 +55,5 @@ def test_conv4_pooling_before_relu_matches_the_textbook_order(dtype):
     assert grad_new.abs().sum() > 0
     assert torch.equal(grad_new, grad_old)
     # Convolutions and batch norms keep their positions (4b and 4b + 1), so older checkpoints still load.
-    assert {k.rsplit(".", 1)[0] for k in model.state_dict()} == {f"features.{4 * b + j}" for b in range(4) for j in (0, 1)}  # fmt: skip
+    layers_with_state = {key.rsplit(".", 1)[0] for key in model.state_dict()}
+    assert layers_with_state == {f"features.{4 * b + j}" for b in range(4) for j in (0, 1)}
