@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, get_worker_info
 
-from .episodes import SPLITS, ClassEpisodeSampler, ClassImages, EpisodeBatch, EpisodeStream, TaskSource
+from .episodes import (
+    SPLITS,
+    ClassEpisodeSampler,
+    ClassImages,
+    EpisodeBatch,
+    EpisodePlan,
+    EpisodeStream,
+    TaskSource,
+    planned,
+)
 
 # EpisodeStream shards its batches across DataLoader workers itself, so its __len__ is exact.
 warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined.*")
@@ -31,6 +40,15 @@ class EpisodeLoader(DataLoader):
     when a fit restarts mid-epoch, loads it just before it creates the iterator, so the resumed
     run sees exactly the batches that an uninterrupted run would. ``len()`` stays the length of
     the whole epoch, because Lightning counts the resumed epoch's batches from its start.
+
+    Fast paths: without workers the loader iterates the stream itself, skipping the DataLoader's
+    per-batch machinery. With workers and a :class:`~datamodules.episodes.PlannedSource` (such as
+    :class:`ClassEpisodeSampler`), the workers draw the batches' plans, small index arrays sent
+    several batches to a message, and the loader gathers the images in the main process as
+    batches leave it: the image cache is already in this process's memory, and shipping
+    gathered pixels from a worker through shared memory (a segment, a file descriptor and page
+    faults per tensor) costs far more than the gather. Batches the loader builds itself are
+    pinned when ``pin_memory`` is set, as the DataLoader would pin them.
 
     Args:
         stream: the episodes to load.
@@ -54,6 +72,7 @@ class EpisodeLoader(DataLoader):
             num_workers=num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=False,
+            worker_init_fn=_send_plans if num_workers > 0 and planned(stream.source) is not None else None,
         )
         self._epoch = epoch
         self._consumed = consumed
@@ -73,14 +92,26 @@ class EpisodeLoader(DataLoader):
             start = 0
         stream.epoch, stream.start = epoch, start
         self._handed_out = start
-        return self._count(super().__iter__())
+        return self._count(iter(stream) if self.num_workers == 0 else super().__iter__())
 
-    def _count(self, batches: Iterator[Any]) -> Iterator[Any]:
+    def _count(self, items: Iterator[Any]) -> Iterator[Any]:
         # Counted in the main process as batches leave the loader, so batches that workers have
         # prefetched but nobody has taken yet do not count.
-        for batch in batches:
-            self._handed_out += 1
-            yield batch
+        stream: EpisodeStream = self.dataset  # type: ignore[assignment]
+        source = planned(stream.source)
+        for item in items:
+            gathered = isinstance(item, EpisodePlan)
+            if gathered:
+                assert source is not None
+                batches: Iterable[Any] = map(source.gather, torch.from_numpy(item.index).split(item.sizes))
+            else:
+                batches = (item,)
+            for batch in batches:
+                # Pin what the DataLoader did not build: with workers, its pinning thread saw only plans.
+                if self.pin_memory and (gathered or self.num_workers == 0):
+                    batch = EpisodeBatch(*(part.pin_memory() for part in batch))
+                self._handed_out += 1
+                yield batch
 
     def state_dict(self) -> dict[str, int]:
         """The position in the training stream: ``{"epoch": e, "batches_consumed": n}``.
@@ -95,6 +126,13 @@ class EpisodeLoader(DataLoader):
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         """Start the next iteration after the first ``batches_consumed`` batches of epoch ``epoch``."""
         self._resume_at = (int(state_dict["epoch"]), int(state_dict["batches_consumed"]))
+
+
+def _send_plans(worker_id: int) -> None:
+    """DataLoader worker init of an :class:`EpisodeLoader`: its copy of the stream yields plans."""
+    info = get_worker_info()
+    if info is not None and isinstance(info.dataset, EpisodeStream):
+        info.dataset.plans = True
 
 
 class EpisodicDataModule(pl.LightningDataModule):
