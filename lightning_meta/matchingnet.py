@@ -35,8 +35,8 @@ class MatchingNet(EpisodicModule):
         normalize_queries: also normalise the query embeddings (textbook cosine similarity).
         embedding_dim: size of the backbone's output, needed by the LSTMs; default
             ``backbone.embedding_dim``.
-        channels_last: channels-last memory format for image batches (off by default: on this project's AMX CPU it
-            was slower or no faster for the 28x28 Conv4 models, see benchmarks/RESULTS.md).
+        channels_last: channels-last memory format for the backbone's weights and the image batches (see
+            :attr:`EpisodicModule.channels_last`); faster for Conv4 on CPU, fp32 and bf16 (benchmarks/RESULTS.md).
         optimizer: outer optimizer factory (Adam, lr 1e-3).
         lr_scheduler: optional scheduler factory.
     """
@@ -48,7 +48,7 @@ class MatchingNet(EpisodicModule):
         fce_steps: int = 5,
         normalize_queries: bool = False,
         embedding_dim: int | None = None,
-        channels_last: bool = False,
+        channels_last: bool = True,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:

@@ -52,8 +52,8 @@ class Reptile(EpisodicModule):
         outer_lr_anneal: decay epsilon linearly to 0 over the trainer's estimated steps.
         transductive: evaluate queries together (True) or one at a time (False).
         task_batching: "loop" or "vmap".
-        channels_last: channels-last memory format for image batches (off by default: on this project's AMX CPU it
-            was slower or no faster for the 28x28 Conv4 models, see benchmarks/RESULTS.md).
+        channels_last: channels-last memory format for the backbone's weights and the image batches (see
+            :attr:`EpisodicModule.channels_last`); faster for Conv4 on CPU, fp32 and bf16 (benchmarks/RESULTS.md).
         adaptation_curve: log the query loss along the fine-tuning during validation and test.
     """
 
@@ -72,7 +72,7 @@ class Reptile(EpisodicModule):
         outer_lr_anneal: bool = True,
         transductive: bool = True,
         task_batching: Literal["loop", "vmap"] = "loop",
-        channels_last: bool = False,
+        channels_last: bool = True,
         adaptation_curve: bool = True,
     ) -> None:
         if inner_optimizer not in ("adam", "sgd"):

@@ -61,9 +61,10 @@ def learn2learn_gradient(batch, dtype, steps, first_order):
     return flat_grads(layers(ours, reference)[1]).double()
 
 
-def our_gradient(batch, dtype, steps, first_order, task_batching):
+def our_gradient(batch, dtype, steps, first_order, task_batching, channels_last):
     ours, reference = paired_models(dtype)
-    model = MAML(ours, inner_lr=0.4, inner_steps=steps, first_order=first_order, task_batching=task_batching)
+    model = MAML(ours, inner_lr=0.4, inner_steps=steps, first_order=first_order, task_batching=task_batching,
+                 channels_last=channels_last)  # fmt: skip
     model.episode_loss(batch)[0].mean().backward()
     return flat_grads(layers(ours, reference)[0]).double()
 
@@ -71,19 +72,24 @@ def our_gradient(batch, dtype, steps, first_order, task_batching):
 # float32: the loop uses F.batch_norm like learn2learn and is compared with learn2learn in float32.
 # vmap needs a var_mean batch norm whose float32 rounding differs; after 3 inner steps learn2learn's
 # own float32 gradient is 2e-3 from the float64 one, so vmap float32 is compared with float64.
+# For the same reason the float32 comparisons use channels-first tensors, learn2learn's convolution
+# kernels; channels-last (the default) is checked in float64, where rounding does not hide a mistake.
 @pytest.mark.parametrize(
-    "dtype, task_batching, reference_dtype, tolerance",
+    "dtype, task_batching, reference_dtype, tolerance, channels_last",
     [
-        (torch.float64, "loop", torch.float64, 1e-5),
-        (torch.float64, "vmap", torch.float64, 1e-5),
-        (torch.float32, "loop", torch.float32, 1e-4),
-        (torch.float32, "vmap", torch.float64, 5e-4),
+        (torch.float64, "loop", torch.float64, 1e-5, True),
+        (torch.float64, "vmap", torch.float64, 1e-5, True),
+        (torch.float64, "loop", torch.float64, 1e-5, False),
+        (torch.float32, "loop", torch.float32, 1e-4, False),
+        (torch.float32, "vmap", torch.float64, 5e-4, False),
     ],
 )
 @pytest.mark.parametrize("first_order", [False, True], ids=["second_order", "first_order"])
 @pytest.mark.parametrize("steps", [1, 3])
-def test_meta_gradient_equals_learn2learn(dtype, task_batching, reference_dtype, tolerance, first_order, steps):
+def test_meta_gradient_equals_learn2learn(
+    dtype, task_batching, reference_dtype, tolerance, channels_last, first_order, steps
+):
     expected = learn2learn_gradient(episodes(reference_dtype), reference_dtype, steps, first_order)
-    got = our_gradient(episodes(dtype), dtype, steps, first_order, task_batching)
+    got = our_gradient(episodes(dtype), dtype, steps, first_order, task_batching, channels_last)
     relative = ((got - expected).norm() / expected.norm()).item()
     assert relative < tolerance, relative

@@ -80,9 +80,9 @@ def test_validate_then_fit_with_default_trainer(fake_omniglot):
 def test_channels_last_converts_the_backbone_and_keeps_the_loss():
     torch.manual_seed(0)
     batch = make_episodes(2, 5, 1, 3, (1, 28, 28), 0)
-    plain = ProtoNet(Conv4(1, 8, 28))
-    fast = copy.deepcopy(plain)
-    fast.channels_last = True
+    fast = ProtoNet(Conv4(1, 8, 28))  # channels-last by default
+    plain = copy.deepcopy(fast)
+    plain.channels_last = False
     conv = fast.backbone.features[0]
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert not plain.backbone.features[4].weight.is_contiguous(memory_format=torch.channels_last)
