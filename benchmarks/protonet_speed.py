@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from timing import ms_per_step, random_episodes, table_row
 
 SHAPES = {"5w5s15q": (5, 5, 15), "60w5s15q": (60, 5, 15)}
-VARIANTS = ["learn2learn fp32", "easyfsl fp32", "ours fp32", "ours bf16", "ours bf16 nchw"]
+VARIANTS = ["learn2learn fp32", "easyfsl fp32", "ours fp32", "ours fp32 nchw", "ours bf16", "ours bf16 nchw"]
 
 
 def make_step(variant: str, ways: int, shots: int, queries: int):

@@ -66,10 +66,24 @@ class Forever(Dataset):
         return self.tasks.sample()
 
 
-def rate(batches: Callable[[], Iterator[Any]], tasks_per_batch: int, seconds: float, warmup: int = 3) -> float:
-    """Episodes per second over ``seconds`` of iteration, after ``warmup`` batches (workers started)."""
+def rate(
+    batches: Callable[[], Iterator[Any]],
+    tasks_per_batch: int,
+    seconds: float,
+    warmup: int = 3,
+    warmup_seconds: float = 1.0,
+) -> float:
+    """Episodes per second over ``seconds`` of iteration, after a warm-up.
+
+    The warm-up is ``warmup`` batches (workers started) and at least ``warmup_seconds``: glibc's
+    malloc serves the first large blocks with fresh pages and only raises its mmap threshold as
+    they are freed, so the page faults of the first few dozen multi-MB batches are not the steady state.
+    """
     iterator = batches()
+    start = time.perf_counter()
     for _ in range(warmup):
+        next(iterator)
+    while time.perf_counter() - start < warmup_seconds:
         next(iterator)
     count, start = 0, time.perf_counter()
     while (elapsed := time.perf_counter() - start) < seconds or count == 0:
