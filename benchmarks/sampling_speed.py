@@ -13,8 +13,8 @@ Larochelle), in one run:
 - one ProtoNet training step (Conv4-64, Adam, fp32 and bf16 autocast) on a 1-task batch of the
   same episode shape, as episodes per second, to show whether sampling can be the bottleneck.
 
-Rates are episodes (tasks) per second; ratios are to learn2learn's direct ``sample()``. Prints a
-markdown table.
+Rates are episodes (tasks) per second; ratios are to learn2learn's direct ``sample()``. Each row is
+measured in a fresh Python process (``--same_process`` to turn that off). Prints a markdown table.
 
     python benchmarks/sampling_speed.py                          # ~3 s a row: a few minutes
     python benchmarks/sampling_speed.py --seconds 0.2 --per_class 30 --workers 0   # smoke run
@@ -23,8 +23,11 @@ markdown table.
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import random
+import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -144,7 +147,8 @@ def protonet_step_rate(sampler: ClassEpisodeSampler, channels: int, side: int, b
     return rate(repeat(step), 1, seconds, warmup=2)
 
 
-def run(name: str, args: argparse.Namespace) -> list[tuple[str, float]]:
+def rows_of(name: str, args: argparse.Namespace) -> list[tuple[str, Callable[[], float]]]:
+    """The table's rows for dataset ``name``: a label and a function that measures the rate."""
     classes, per_class, channels, side = SHAPES[name]
     per_class = min(per_class, args.per_class or per_class)
     g = torch.Generator().manual_seed(0)
@@ -154,30 +158,60 @@ def run(name: str, args: argparse.Namespace) -> list[tuple[str, float]]:
         images.view(classes, per_class, channels, side, side), list(map(str, range(classes)))
     )
     sampler = ClassEpisodeSampler(data, WAYS, SHOTS, QUERIES)
-    rows = [("ours: ClassEpisodeSampler.sample(1)", rate(repeat(lambda: sampler.sample(1, g)), 1, args.seconds))]
+
+    def taskset() -> Any:
+        random.seed(0)
+        return l2l_taskset(images, labels)
+
+    def ours(tasks: int, workers: int) -> float:
+        dm = InMemory(data, tasks, workers)
+        dm.setup("fit")
+        return rate(lambda: iter(dm.train_dataloader()), tasks, args.seconds)
+
+    def l2l_loader(workers: int) -> float:
+        loader = DataLoader(Forever(taskset()), batch_size=None, num_workers=workers)
+        return rate(lambda: iter(loader), 1, args.seconds)
+
+    def l2l_wrapped() -> float:
+        tasks = taskset()
+        wrapped = Learn2LearnTasks.from_tasksets(tasks, tasks, tasks, ways=WAYS, shots=SHOTS, queries=QUERIES)
+        wrapped.setup("fit")
+        return rate(epochs(wrapped.train_dataloader), 1, args.seconds)
+
+    rows: list[tuple[str, Callable[[], float]]] = [
+        ("ours: ClassEpisodeSampler.sample(1)", lambda: rate(repeat(lambda: sampler.sample(1, g)), 1, args.seconds))
+    ]
     for tasks in args.tasks_per_batch:
         for workers in args.workers:
-            dm = InMemory(data, tasks, workers)
-            dm.setup("fit")
             label = f"ours: train_dataloader, {tasks} tasks/batch, {workers} workers"
-            rows.append((label, rate(lambda dm=dm: iter(dm.train_dataloader()), tasks, args.seconds)))
-    random.seed(0)
-    tasks = l2l_taskset(images, labels)
-    rows.append(("learn2learn: TaskDataset.sample()", rate(repeat(tasks.sample), 1, args.seconds)))
+            rows.append((label, lambda tasks=tasks, workers=workers: ours(tasks, workers)))
+    rows.append(("learn2learn: TaskDataset.sample()", lambda: rate(repeat(taskset().sample), 1, args.seconds)))
     for workers in args.workers:
-        loader = DataLoader(Forever(tasks), batch_size=None, num_workers=workers)
-        rows.append(
-            (f"learn2learn: DataLoader, {workers} workers", rate(lambda loader=loader: iter(loader), 1, args.seconds))
-        )
-    wrapped = Learn2LearnTasks.from_tasksets(tasks, tasks, tasks, ways=WAYS, shots=SHOTS, queries=QUERIES)
-    wrapped.setup("fit")
-    rows.append(
-        ("learn2learn via Learn2LearnTasks, 0 workers", rate(epochs(wrapped.train_dataloader), 1, args.seconds))
-    )
+        rows.append((f"learn2learn: DataLoader, {workers} workers", lambda workers=workers: l2l_loader(workers)))
+    rows.append(("learn2learn via Learn2LearnTasks, 0 workers", l2l_wrapped))
     for bf16 in (False, True):
         label = f"ProtoNet Conv4-64 training step, {'bf16 autocast' if bf16 else 'fp32'}"
-        rows.append((label, protonet_step_rate(sampler, channels, side, bf16, args.step_seconds)))
+        rows.append((label, lambda bf16=bf16: protonet_step_rate(sampler, channels, side, bf16, args.step_seconds)))
     return rows
+
+
+def run(name: str, args: argparse.Namespace, argv: list[str]) -> list[tuple[str, float]]:
+    """Measure every row of dataset ``name``, each in a fresh Python process unless ``--same_process``.
+
+    A fresh process per row keeps one measurement from changing the next: the memory allocator's
+    state after multi-MB batches or forked workers changed later rows by up to 3x in one process.
+    """
+    if args.same_process:
+        return [(label, measure()) for label, measure in rows_of(name, args)]
+    count = len(rows_of(name, argparse.Namespace(**{**vars(args), "per_class": 1})))
+    results = []
+    for i in range(count):
+        command = [sys.executable, __file__, *argv, "--datasets", name, "--row", str(i)]
+        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        label, value = json.loads(out)
+        print(f"  {name}: {label}: {number(value)}", file=sys.stderr, flush=True)
+        results.append((label, value))
+    return results
 
 
 def number(value: float) -> str:
@@ -193,14 +227,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--per_class", type=int, default=None, help="at most this many images per class (smoke runs)")
     parser.add_argument("--datasets", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--same_process", action="store_true", help="measure all rows in this process")
+    parser.add_argument("--row", type=int, default=None, help=argparse.SUPPRESS)  # one row, for run()
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*TaskDataset is deprecated.*")
+    if args.row is not None:  # a child process of run(): print one row as JSON
+        label, measure = rows_of(args.datasets[0], args)[args.row]
+        print(json.dumps([label, measure()]))
+        return
     print(f"{WAYS}-way {SHOTS}-shot {QUERIES}-query episodes, episodes/s (ratio to learn2learn's sample())")
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     print(f"--seconds {args.seconds} --step_seconds {args.step_seconds} --per_class {args.per_class}\n")
-    results = {name: run(name, args) for name in args.datasets}
+    results = {
+        name: run(name, args, [a for a in argv if a != "--datasets" and a not in SHAPES]) for name in args.datasets
+    }
     print("| | " + " | ".join(results) + " |")
     print("|---|" + "---|" * len(results))
     baselines = {name: dict(rows)["learn2learn: TaskDataset.sample()"] for name, rows in results.items()}
