@@ -54,7 +54,9 @@ class MAML(EpisodicModule):
         learn_inner_lr: Meta-SGD step sizes: False, True/"tensor" or "element".
         task_batching: "auto", "loop" or "vmap", see above.
         channels_last: channels-last memory format for the backbone's weights and the image batches (see
-            :attr:`EpisodicModule.channels_last`); faster for Conv4 on CPU, fp32 and bf16 (benchmarks/RESULTS.md).
+            :attr:`EpisodicModule.channels_last`). Off by default here: channels-last kernels round
+            differently with the thread count and the inner loop amplifies it, so DDP and single-process
+            test accuracy differed; the speed gain was small (benchmarks/RESULTS.md).
         adaptation_curve: log the query loss after each inner step during validation and test.
         optimizer: outer optimizer factory (Adam, lr 1e-3 by default).
         lr_scheduler: optional outer scheduler factory.
@@ -71,7 +73,7 @@ class MAML(EpisodicModule):
         first_order: bool = False,
         learn_inner_lr: bool | Literal["tensor", "element"] = False,
         task_batching: Literal["auto", "loop", "vmap"] = "auto",
-        channels_last: bool = True,
+        channels_last: bool = False,
         adaptation_curve: bool = True,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,

@@ -53,7 +53,9 @@ class Reptile(EpisodicModule):
         transductive: evaluate queries together (True) or one at a time (False).
         task_batching: "loop" or "vmap".
         channels_last: channels-last memory format for the backbone's weights and the image batches (see
-            :attr:`EpisodicModule.channels_last`); faster for Conv4 on CPU, fp32 and bf16 (benchmarks/RESULTS.md).
+            :attr:`EpisodicModule.channels_last`). Off by default here: channels-last kernels round
+            differently with the thread count and the inner loop amplifies it, so DDP and single-process
+            test accuracy differed; the speed gain was small (benchmarks/RESULTS.md).
         adaptation_curve: log the query loss along the fine-tuning during validation and test.
     """
 
@@ -72,7 +74,7 @@ class Reptile(EpisodicModule):
         outer_lr_anneal: bool = True,
         transductive: bool = True,
         task_batching: Literal["loop", "vmap"] = "loop",
-        channels_last: bool = True,
+        channels_last: bool = False,
         adaptation_curve: bool = True,
     ) -> None:
         if inner_optimizer not in ("adam", "sgd"):
