@@ -190,7 +190,9 @@ def copy_fake_cifar100(folder: Path) -> Path:
 @fake_data("CIFARFS")
 @fake_data("FC100")
 def fake_cifar100(folder: Path) -> list[str]:
-    return ["--data.root", str(copy_fake_cifar100(folder)), "--data.queries", "4", "--data.train_queries", "4"]
+    # Reptile's configs train on 15 shots per class: 5 here, so that shots and queries fit in 10 images.
+    args = ["--data.queries", "4", "--data.train_queries", "4", "--data.train_shots", "5"]
+    return ["--data.root", str(copy_fake_cifar100(folder)), *args]
 
 
 # ----------------------------------------------------------------------------- learn2learn task sets
