@@ -206,6 +206,7 @@ def run(name: str, args: argparse.Namespace, argv: list[str]) -> list[tuple[str,
     count = len(rows_of(name, argparse.Namespace(**{**vars(args), "per_class": 1})))
     results = []
     for i in range(count):
+        # The later --datasets overrides any in argv.
         command = [sys.executable, __file__, *argv, "--datasets", name, "--row", str(i)]
         out = subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         label, value = json.loads(out)
@@ -241,9 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{WAYS}-way {SHOTS}-shot {QUERIES}-query episodes, episodes/s (ratio to learn2learn's sample())")
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     print(f"--seconds {args.seconds} --step_seconds {args.step_seconds} --per_class {args.per_class}\n")
-    results = {
-        name: run(name, args, [a for a in argv if a != "--datasets" and a not in SHAPES]) for name in args.datasets
-    }
+    results = {name: run(name, args, argv) for name in args.datasets}
     print("| | " + " | ".join(results) + " |")
     print("|---|" + "---|" * len(results))
     baselines = {name: dict(rows)["learn2learn: TaskDataset.sample()"] for name, rows in results.items()}
