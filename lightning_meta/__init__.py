@@ -1,11 +1,8 @@
 """lightning-meta: few-shot meta-learning algorithms as PyTorch Lightning modules."""
 
+from .algorithms import MAML, MatchingNet, ProtoNet, Reptile
+from .backbones import MLP, Conv4
 from .base import EpisodicModule
-from .maml import MAML
-from .matchingnet import MatchingNet
-from .models import MLP, Conv4
-from .protonet import ProtoNet
-from .reptile import Reptile
 
 __all__ = ["MAML", "MLP", "Conv4", "EpisodicModule", "MatchingNet", "ProtoNet", "Reptile"]
 __version__ = "0.1.0"

@@ -18,8 +18,8 @@ from torchvision.utils import make_grid
 
 from datamodules.episodes import EpisodeBatch, as_episode_batch
 
+from .backbones import to_channels_last
 from .metrics import ConfidenceInterval95, episode_accuracy
-from .models import to_channels_last
 
 _given_hyperparameters: Any
 try:  # set while LightningCLI instantiates a module; its hparams are then plain config dicts

@@ -10,8 +10,7 @@ from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint, O
 from test_episodes import episodes_of, id_images
 
 from datamodules import ClassEpisodeSampler, EpisodeLoader, EpisodeStream, Sinusoid
-from lightning_meta import MAML
-from lightning_meta.models import MLP
+from lightning_meta import MAML, MLP
 
 EPOCHS, BATCHES = 2, 6
 

@@ -11,8 +11,8 @@ from torch import Tensor, nn
 
 from datamodules.episodes import EpisodeBatch
 
-from .base import EpisodicModule, embed_episode, support_onehot
-from .models import Conv4
+from ..backbones import Conv4
+from ..base import EpisodicModule, embed_episode, support_onehot
 
 
 class ProtoNet(EpisodicModule):

@@ -145,7 +145,7 @@ def test_second_order_maml_under_bf16_autocast_matches_fp32():
 
 
 def test_gradient_stand_in_is_zero_with_the_given_gradient():
-    from lightning_meta.maml import _gradient_stand_in
+    from lightning_meta.algorithms.maml import _gradient_stand_in
 
     w = torch.tensor([1.5, -2.0], requires_grad=True)
     stand_in = _gradient_stand_in([w], [torch.tensor([3.0, 4.0])], divisor=2.0)

@@ -1,4 +1,4 @@
-"""Backbones: plain ``nn.Module``s that the algorithms wrap."""
+"""Conv4, the four-block convolutional backbone of the few-shot papers, and per-task batch norm."""
 
 from __future__ import annotations
 
@@ -127,26 +127,3 @@ def to_channels_last(x: Tensor) -> Tensor:
         return x
     flat = x.reshape(-1, *x.shape[-3:]).contiguous(memory_format=torch.channels_last)
     return flat.view(*x.shape[:-3], *x.shape[-3:]) if x.dim() > 4 else flat
-
-
-class MLP(nn.Module):
-    """A ReLU multilayer perceptron; the default is the MAML paper's sinusoid regressor (1-40-40-1).
-
-    Args:
-        in_features: input size.
-        hidden: sizes of the hidden layers.
-        out_features: output size.
-    """
-
-    def __init__(self, in_features: int = 1, hidden: tuple[int, ...] = (40, 40), out_features: int = 1) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        size = in_features
-        for width in hidden:
-            layers += [nn.Linear(size, width), nn.ReLU()]
-            size = width
-        layers.append(nn.Linear(size, out_features))
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)

@@ -14,8 +14,8 @@ from torch.func import functional_call, grad, vmap
 
 from datamodules.episodes import EpisodeBatch
 
-from .base import EpisodicModule
-from .models import to_channels_last, vmap_safe_batch_norm
+from ..backbones import to_channels_last, vmap_safe_batch_norm
+from ..base import EpisodicModule
 
 Params = dict[str, Tensor]
 
