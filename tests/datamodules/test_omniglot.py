@@ -158,3 +158,23 @@ def test_stale_cache_is_rebuilt(fake_omniglot):
     _, images = Omniglot(root=str(fake_omniglot))._load_all()
     assert images.float().mean() > 0
     assert omniglot_module._CACHE_VERSION == torch.load(cache, weights_only=True)["version"]
+
+
+# Pixel sums of the support images of the first episode of each split (fake zips, 14 px, seed 7),
+# recorded before Omniglot moved onto CachedImageBundle: the same seed must keep drawing the same episodes.
+PINNED_EPISODES = {
+    "train": ([4363, 3919, 4106, 5248, 5352, 3373], 11517),
+    "val": ([4772, 5183, 4312, 5625, 4454, 4314], 11698),
+    "test": ([5325, 4518, 3694, 5169, 3883, 4518], 16753),
+}
+
+
+@pytest.mark.parametrize("split", PINNED_EPISODES)
+def test_fixed_seed_episodes_are_pinned(fake_omniglot, split):
+    dm = Omniglot(root=str(fake_omniglot), image_size=14, ways=3, shots=2, queries=1, seed=7)
+    dm.setup({"train": "fit", "val": "validate", "test": "test"}[split])
+    batch = next(iter(getattr(dm, f"{split}_dataloader")()))
+    support_sums, query_sum = PINNED_EPISODES[split]
+    assert batch.support_x.flatten(2).long().sum(-1).tolist() == [support_sums]
+    assert batch.support_y.tolist() == [[0, 0, 1, 1, 2, 2]]
+    assert batch.query_x.long().sum().item() == query_sum
