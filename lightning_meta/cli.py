@@ -15,6 +15,7 @@ import datamodules  # noqa: F401  (registers the bundles for short names in YAML
 from datamodules import EpisodicDataModule
 
 from . import EpisodicModule  # noqa: F401
+from .callbacks import default_callbacks
 
 
 class EpisodicCheckpoint(ModelCheckpoint):
@@ -64,7 +65,9 @@ class MetaCLI(LightningCLI):
     """LightningCLI with the defaults few-shot training needs.
 
     - ``trainer.inference_mode=False``: MAML and Reptile adapt with gradients during evaluation.
-    - A checkpoint callback on ``val/acc`` (see :class:`EpisodicCheckpoint`).
+    - A checkpoint callback on ``val/acc`` (see :class:`EpisodicCheckpoint`) and the diagnostics of
+      :func:`~lightning_meta.callbacks.default_callbacks` (episode images, episodes/s, hp_metric,
+      adaptation curves).
     - ``test``/``validate`` accept ``--ckpt_path best`` in a new process: the best checkpoint of
       the newest earlier run in the same log folder.
     """
@@ -91,7 +94,7 @@ def make_cli(args: list[str] | None = None, run: bool = True) -> MetaCLI:
     """Build (and with ``run``, run) the :class:`MetaCLI`; returns it so tests can inspect the trainer."""
     trainer_defaults: dict[str, Any] = {
         "inference_mode": False,
-        "callbacks": [EpisodicCheckpoint()],
+        "callbacks": [EpisodicCheckpoint(), *default_callbacks()],
     }
     return MetaCLI(
         EpisodicModule,

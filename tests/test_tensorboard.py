@@ -20,8 +20,9 @@ from torch.utils.data import DataLoader
 
 from datamodules import EpisodeBatch, Sinusoid
 from lightning_meta import MAML, MLP, Reptile
-from lightning_meta.base import adaptation_curve_steps, episode_grid
+from lightning_meta.callbacks import default_callbacks, episode_grid
 from lightning_meta.cli import make_cli
+from lightning_meta.functional import adaptation_curve_steps
 
 REPO = Path(__file__).resolve().parents[1]
 # 5-way 1-shot 15-query episodes of 28px images, padding 2: a row per class of 1 + gap + 15 cells.
@@ -131,9 +132,10 @@ def line_episodes(tasks: int = 4, seed: int = 0) -> EpisodeBatch:
     return EpisodeBatch(support_x, a * support_x + b, query_x, a * query_x + b)
 
 
-def validate(model: pl.LightningModule, batch: EpisodeBatch, tmp_path: Path) -> dict[str, float]:
+def validate(model: pl.LightningModule, batch: EpisodeBatch, tmp_path: Path, diagnostics: bool = True) -> dict:
     trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, inference_mode=False,
-                         enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+                         enable_model_summary=False, default_root_dir=tmp_path,
+                         callbacks=default_callbacks() if diagnostics else [])  # fmt: skip
     trainer.validate(model, DataLoader([batch], batch_size=None), verbose=False)
     return {k: v.item() for k, v in trainer.callback_metrics.items()}
 
@@ -163,6 +165,29 @@ def test_adaptation_curve_goes_down_on_easy_episodes(algorithm, batching, tmp_pa
     assert not any("_adapt/" in k for k in off) and off["val/loss"] == metrics["val/loss"]
 
 
+def test_a_trainer_without_the_callbacks_logs_no_diagnostics(tmp_path):
+    batch = line_episodes()
+    with_them, without = (validate(make_model("maml", "loop"), batch, tmp_path, d) for d in (True, False))
+    assert any("_adapt/" in k for k in with_them)
+    assert not any("_adapt/" in k or k in ("hp_metric", "episodes/s") for k in without), without
+    assert without["val/loss"] == with_them["val/loss"]
+
+
+def test_a_python_fit_without_the_callbacks_writes_none_of_their_tags(tmp_path):
+    pl.seed_everything(0)
+    dm = Sinusoid(tasks_per_batch=4, train_episodes=8, val_episodes=4)
+    model = MAML(MLP(), inner_lr=0.01, inner_steps_eval=2, task_batching="loop")
+    logger = TensorBoardLogger(tmp_path, name="bare", default_hp_metric=False)
+    trainer = pl.Trainer(max_epochs=1, logger=logger, enable_checkpointing=False, inference_mode=False,
+                         log_every_n_steps=1, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(model, dm)
+    events = read_events(Path(logger.log_dir))
+    tags = scalars(events)
+    assert {"train/loss", "val/loss"} <= set(tags)
+    assert not any("_adapt/" in t or t in ("hp_metric", "episodes/s") for t in tags), tags
+    assert events.Tags()["images"] == []
+
+
 def test_loop_and_vmap_give_the_same_curve(tmp_path):
     batch = line_episodes()
     for algorithm in ("maml", "reptile"):
@@ -189,7 +214,8 @@ def test_episodes_per_second_in_the_progress_bar_and_regression_hp_metric(tmp_pa
     probe = ThroughputProbe()
     logger = TensorBoardLogger(tmp_path, name="sine")
     trainer = pl.Trainer(max_epochs=2, logger=logger, enable_checkpointing=False, inference_mode=False,
-                         log_every_n_steps=1, callbacks=[probe], default_root_dir=tmp_path)  # fmt: skip
+                         log_every_n_steps=1, callbacks=[*default_callbacks(), probe],
+                         default_root_dir=tmp_path)  # fmt: skip
     trainer.fit(model, dm)
     assert len(probe.seen) == 20
     assert probe.seen[0][1] is None  # the first step has no previous one to time
