@@ -1,56 +1,16 @@
-"""Conv4, the four-block convolutional backbone of the few-shot papers, and per-task batch norm."""
+"""Conv4, the four-block convolutional backbone of the few-shot papers."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-_EXACT_UNDER_VMAP: ContextVar[bool] = ContextVar("_EXACT_UNDER_VMAP", default=False)
+from .batchnorm import TaskBatchNorm2d, vmap_safe_batch_norm
+from .inputs import check_image_size, check_images
 
-
-@contextmanager
-def vmap_safe_batch_norm() -> Iterator[None]:
-    """Within this context :class:`TaskBatchNorm2d` computes with ``torch.var_mean`` (see there)."""
-    token = _EXACT_UNDER_VMAP.set(True)
-    try:
-        yield
-    finally:
-        _EXACT_UNDER_VMAP.reset(token)
-
-
-class TaskBatchNorm2d(nn.Module):
-    """Batch norm that always normalises with the statistics of the batch it is given (no running stats).
-
-    This is MAML's transductive batch norm: each task is normalised by its own support or query
-    batch. It uses the fused ``F.batch_norm``, except inside :func:`vmap_safe_batch_norm` (which
-    the algorithms enter around ``torch.func.vmap``): there ``F.batch_norm`` gives wrong
-    second-order gradients (torch 2.14), so the statistics come from ``torch.var_mean``, in float32
-    under autocast.
-
-    Args:
-        num_features: channels.
-        eps: added to the variance, as in ``nn.BatchNorm2d``.
-    """
-
-    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(num_features))
-        self.bias = nn.Parameter(torch.zeros(num_features))
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not _EXACT_UNDER_VMAP.get():
-            return F.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
-        x32 = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        var, mean = torch.var_mean(x32, dim=(0, 2, 3), keepdim=True, correction=0)
-        y = (x32 - mean) * torch.rsqrt(var + self.eps)
-        return (y * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)).to(x.dtype)
+__all__ = ["Conv4", "TaskBatchNorm2d", "to_channels_last", "vmap_safe_batch_norm"]
 
 
 class Conv4(nn.Module):
@@ -105,14 +65,17 @@ class Conv4(nn.Module):
                 layers.append(nn.ReLU(inplace=True))
                 size = (size + 1) // 2
             channels = hidden
-        if size < 1:
-            raise ValueError(f"image_size={image_size} is too small for four downsampling blocks")
+        self.in_channels = in_channels
+        # Four floor-halving max-pools need 16 px; stride-2 convolutions with padding never reach zero.
+        self.min_image_size = 16 if pooling == "max" else 1
+        check_image_size("Conv4", image_size, self.min_image_size, "four downsampling blocks")
         self.features = nn.Sequential(*layers)
         self.pooling = pooling
         self.embedding_dim = hidden if pooling == "stride" else hidden * size * size
         self.head = nn.Linear(self.embedding_dim, out_features) if out_features else None
 
     def forward(self, x: Tensor) -> Tensor:
+        check_images("Conv4", x, self.in_channels, self.min_image_size)
         lead = x.shape[:-3]
         h = self.features(x.reshape(-1, *x.shape[-3:]))
         h = h.mean(dim=(2, 3)) if self.pooling == "stride" else h.flatten(1)
