@@ -1,20 +1,29 @@
-"""Diagnostics as Lightning callbacks: episode images, ``episodes/s``, ``hp_metric`` and adaptation curves.
+"""Diagnostics and safety nets as Lightning callbacks.
 
-The CLI adds :func:`default_callbacks` to every run; from Python, pass them to the Trainer::
+Episode images, ``episodes/s``, ``hp_metric``, adaptation curves, and :class:`DivergenceGuard`,
+which stops a run whose loss becomes non-finite or explodes. :class:`InterruptCheckpoint` saves a
+checkpoint when a fit is interrupted (Ctrl-C) that resumes exactly.
 
-    trainer = Trainer(callbacks=[*default_callbacks()], inference_mode=False)
+The CLI adds :func:`default_callbacks` (and an :class:`InterruptCheckpoint`) to every run; from
+Python, pass them to the Trainer::
+
+    trainer = Trainer(callbacks=[*default_callbacks(), InterruptCheckpoint()], inference_mode=False)
 
 A Trainer without them logs none of these (the module still logs its losses and accuracies).
 """
 
 from __future__ import annotations
 
+import math
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import yaml
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from torchvision.utils import make_grid
 
@@ -203,6 +212,215 @@ class AdaptationCurveLogger(pl.Callback):
         self._log(pl_module, outputs, batch, "test")
 
 
+class DivergenceError(RuntimeError):
+    """Raised by :class:`DivergenceGuard` when the loss becomes non-finite or explodes."""
+
+
+def _config_value(pl_module: pl.LightningModule, datamodule: Any, key: str) -> tuple[str, Any] | None:
+    """``(config path, value)`` of ``key`` in the repository's config for this algorithm and data, if there is one."""
+    folder = Path(__file__).resolve().parents[1] / "configs" / type(pl_module).__name__.lower()
+    data_name = type(datamodule).__name__ if datamodule is not None else None
+    for path in sorted(folder.glob("*.yaml")) if data_name else []:
+        try:
+            config = yaml.safe_load(path.read_text())
+            if str(config["data"]["class_path"]).split(".")[-1] == data_name:
+                value = config["model"]["init_args"][key]
+                return f"configs/{folder.name}/{path.name}", value
+        except (OSError, yaml.YAMLError, KeyError, TypeError):
+            continue
+    return None
+
+
+class DivergenceGuard(pl.Callback):
+    """Stop a fit whose loss diverges, with an error that names the likely cause, instead of finishing green.
+
+    The rule: the run stops with :class:`DivergenceError` when
+
+    - a training loss (the ``training_step`` output) is NaN or infinite;
+    - a training loss, a training epoch's mean loss or ``val/loss`` is more than ``factor`` times
+      the reference: the loss of the first training step (the untrained model, which gradient
+      descent should only improve on) or the lowest epoch mean of the same quantity so far.
+
+    A factor of 1e4 is far outside the noise of episodic losses (a few x between batches) and far
+    inside a divergence (MAML with ``inner_lr=0.4`` on sinusoids climbs by 1e8 within epochs). The
+    message names the module's ``inner_lr`` when it has one (an inner loop that overshoots is the
+    usual cause), else the outer learning rate. Checking a loss on the host costs a device sync,
+    so on an accelerator the step losses are checked every ``check_every_n_steps`` steps (every
+    step on the CPU); epoch means and validation losses are always checked. The references are
+    saved in checkpoints, so a resumed run keeps them.
+
+    Args:
+        factor: how many times the reference a loss may reach.
+        check_every_n_steps: on an accelerator, check the step loss at this interval.
+    """
+
+    def __init__(self, factor: float = 1e4, check_every_n_steps: int = 50) -> None:
+        if not factor > 1:
+            raise ValueError(f"factor={factor!r} must be > 1, e.g. 1e4")
+        if check_every_n_steps < 1:
+            raise ValueError(f"check_every_n_steps={check_every_n_steps!r} must be a positive integer")
+        self.factor, self.check_every_n_steps = factor, check_every_n_steps
+        self.reference: dict[str, float] = {}
+        self._sum: torch.Tensor | None = None
+        self._count = 0
+
+    def _cause(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
+        name = type(pl_module).__name__
+        inner_lr = getattr(pl_module, "inner_lr", None)
+        if isinstance(inner_lr, int | float) and not isinstance(inner_lr, bool):
+            hint = f"{name}'s inner_lr={inner_lr:g} is likely too large for this data"
+            found = _config_value(pl_module, getattr(trainer, "datamodule", None), "inner_lr")
+            if found is not None and found[1] != inner_lr:
+                hint += f"; {found[0]} uses {found[1]:g}"
+            return hint + "; lower --model.init_args.inner_lr"
+        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
+        what = f"the outer learning rate lr={lr:g}" if lr is not None else "the outer learning rate"
+        return (
+            f"{what} of {name} is likely too large for this data; lower --model.init_args.optimizer.init_args.lr "
+            "or clip gradients with --trainer.gradient_clip_val 1.0"
+        )
+
+    def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, what: str, key: str, value: float) -> None:
+        where = f"at step {trainer.global_step} (epoch {trainer.current_epoch})"
+        if not math.isfinite(value):
+            problem = f"{what} is {value} {where}: training diverged"
+        else:
+            reference = self.reference.get(key)
+            if reference is None or value <= self.factor * max(reference, 1e-12):
+                return
+            problem = (
+                f"{what} is {value:.4g} {where}, over {self.factor:g} x its reference {reference:.4g}: "
+                "training diverged"
+            )
+        cause = self._cause(trainer, pl_module)
+        raise DivergenceError(f"{problem}. {cause[:1].upper()}{cause[1:]}")
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._sum, self._count = None, 0
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if not isinstance(loss, torch.Tensor):
+            return
+        loss = loss.detach().float()
+        self._sum = loss if self._sum is None else self._sum + loss
+        self._count += 1
+        first = "train/loss" not in self.reference
+        if not first and loss.device.type != "cpu" and trainer.global_step % self.check_every_n_steps:
+            return
+        value = float(loss)
+        self._check(trainer, pl_module, "train/loss", "train/loss", value)
+        if first:
+            self.reference["train/loss"] = value
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._sum is None or not self._count:
+            return
+        mean = float(self._sum) / self._count
+        self._check(trainer, pl_module, "the epoch's mean train/loss", "train/loss", mean)
+        self.reference["train/loss"] = min(self.reference.get("train/loss", mean), mean)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        value = trainer.callback_metrics.get("val/loss")
+        if trainer.sanity_checking or trainer.state.fn != "fit" or value is None:
+            return
+        loss = float(value)
+        self._check(trainer, pl_module, "val/loss", "val/loss", loss)
+        self.reference["val/loss"] = min(self.reference.get("val/loss", loss), loss)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"reference": dict(self.reference)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.reference = dict(state_dict.get("reference", {}))
+
+
+class InterruptCheckpoint(pl.Callback):
+    """Save ``interrupted.ckpt`` when a fit stops on an exception (Ctrl-C, a crash); resuming from it is exact.
+
+    The file goes into the run's checkpoint folder, ``<log dir>/checkpoints`` (beside the CLI's
+    ``last.ckpt``), unless ``dirpath`` is given, and is deleted when the fit ends
+    normally. Resume with ``lightning-meta fit ... --ckpt_path <run>/checkpoints/interrupted.ckpt``.
+
+    A batch whose step was interrupted is trained again on resume (Lightning resumes at the first
+    unprocessed batch), but its forward pass may already have updated buffers such as batch-norm
+    running statistics, which the resumed run would then count twice. So the module's buffers are
+    snapshotted at each training batch start (a copy of a few small tensors; nothing when the
+    module has none) and put back before saving, when the exception came before the batch was
+    processed. Nothing is saved for a :class:`DivergenceError` (a diverged model is not worth
+    resuming) or for an exception before the first training batch.
+
+    It does what Lightning's ``OnExceptionCheckpoint`` does, but is not one: with an
+    ``OnExceptionCheckpoint`` in the Trainer, ``fit`` without ``ckpt_path`` silently means
+    ``ckpt_path="last"``, which would resume a rerun into a fixed log folder from its old files.
+
+    Args:
+        dirpath: the folder for the file; default the run's checkpoint folder.
+        filename: the file name without ``.ckpt``.
+    """
+
+    def __init__(self, dirpath: str | None = None, filename: str = "interrupted") -> None:
+        if not filename:
+            raise ValueError("filename='' must name the file, e.g. 'interrupted'")
+        self.dirpath, self.filename = dirpath or "", filename
+        self._given_dirpath = dirpath
+        self._snapshot: dict[str, torch.Tensor] = {}
+        self._snapshot_at: int | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._given_dirpath is None:
+            self.dirpath = self._run_folder(trainer)
+
+    @property
+    def ckpt_path(self) -> str:
+        """The file this callback writes on an exception."""
+        return str(Path(self.dirpath, f"{self.filename}.ckpt"))
+
+    @staticmethod
+    def _run_folder(trainer: pl.Trainer) -> str:
+        # Where ModelCheckpoint puts a run's checkpoints by default.
+        log_dir = trainer.log_dir if trainer.loggers else None
+        return str(Path(log_dir or trainer.default_root_dir, "checkpoints"))
+
+    @staticmethod
+    def _processed(trainer: pl.Trainer) -> int:
+        return int(trainer.fit_loop.epoch_loop.batch_progress.total.processed)  # type: ignore[attr-defined]
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        for name, buffer in pl_module.named_buffers():
+            saved = self._snapshot.get(name)
+            if saved is None or saved.shape != buffer.shape or saved.dtype != buffer.dtype:
+                self._snapshot[name] = buffer.detach().clone()
+            else:
+                saved.copy_(buffer)
+        self._snapshot_at = self._processed(trainer)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, DivergenceError) or trainer.state.fn != "fit" or self._snapshot_at is None:
+            return
+        if self._processed(trainer) == self._snapshot_at:  # the interrupted batch's step never finished
+            with torch.no_grad():
+                for name, buffer in pl_module.named_buffers():
+                    if name in self._snapshot:
+                        buffer.copy_(self._snapshot[name])
+        if self._given_dirpath is None:
+            self.dirpath = self._run_folder(trainer)
+        trainer.save_checkpoint(self.ckpt_path)
+        rank_zero_info(
+            f"{type(exception).__name__} at step {trainer.global_step}: saved {self.ckpt_path}; resume with "
+            f"`lightning-meta fit <same arguments> --ckpt_path {self.ckpt_path}`"
+        )
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # A fit that ended normally leaves no stale interrupted.ckpt behind.
+        if self.dirpath and stage == "fit" and Path(self.ckpt_path).exists():
+            trainer.strategy.remove_checkpoint(self.ckpt_path)
+
+
 def default_callbacks() -> list[pl.Callback]:
-    """The diagnostics the CLI adds to every run: episode images, episodes/s, hp_metric, adaptation curves."""
-    return [EpisodeImages(), EpisodesPerSecond(), HpMetric(), AdaptationCurveLogger()]
+    """The callbacks the CLI adds to every run: episode images, episodes/s, hp_metric, adaptation curves, divergence."""
+    return [EpisodeImages(), EpisodesPerSecond(), HpMetric(), AdaptationCurveLogger(), DivergenceGuard()]

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
+import os
 import re
+import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +19,7 @@ import datamodules  # noqa: F401  (registers the bundles for short names in YAML
 from datamodules import EpisodicDataModule
 
 from . import EpisodicModule  # noqa: F401
-from .callbacks import default_callbacks
+from .callbacks import InterruptCheckpoint, default_callbacks
 
 
 class EpisodicCheckpoint(ModelCheckpoint):
@@ -39,8 +43,8 @@ class EpisodicCheckpoint(ModelCheckpoint):
             self.monitor, self.mode, self.kth_value = "val/loss", "min", torch.tensor(torch.inf)
 
 
-def find_best_checkpoint(trainer: Trainer) -> str:
-    """The best checkpoint of the newest earlier run under the trainer's log folder."""
+def _runs(trainer: Trainer) -> tuple[Path, list[Path]]:
+    """The trainer's log folder and its ``version_*`` runs, newest first."""
     logger = trainer.logger
     if logger is not None:
         base = Path(logger.save_dir or trainer.default_root_dir, logger.name or "")
@@ -51,13 +55,67 @@ def find_best_checkpoint(trainer: Trainer) -> str:
         key=lambda p: int(p.name.split("_")[1]),
         reverse=True,
     )
+    return base, runs
+
+
+def find_checkpoint(trainer: Trainer, which: str = "best") -> str:
+    """The ``best-*.ckpt`` (``which="best"``) or ``last.ckpt`` (``"last"``) of the newest earlier run with one.
+
+    Runs are the ``version_*`` folders under the trainer's log folder. When no run has such a file,
+    the FileNotFoundError says what the runs do hold: a run with checkpoints but no ``best-*``
+    never validated (``max_steps`` ended before the first epoch's end, or validation was off).
+    """
+    base, runs = _runs(trainer)
+    pattern = "best-*.ckpt" if which == "best" else "last.ckpt"
     for run in runs:
-        best = sorted((run / "checkpoints").glob("best-*.ckpt"), key=lambda p: p.stat().st_mtime)
-        if best:
-            return str(best[-1])
+        found = sorted((run / "checkpoints").glob(pattern), key=lambda p: p.stat().st_mtime)
+        if found:
+            return str(found[-1])
+    held = next((run for run in runs if any((run / "checkpoints").glob("*.ckpt"))), None)
+    if held is None:
+        raise FileNotFoundError(
+            f"--ckpt_path {which}: no checkpoint under {base}/version_*/checkpoints; run `lightning-meta fit` "
+            "with the same config first, or pass the checkpoint's path"
+        )
+    files = ", ".join(sorted(p.name for p in (held / "checkpoints").glob("*.ckpt")))
+    if which == "best":
+        raise FileNotFoundError(
+            f"--ckpt_path best: the newest run with checkpoints, {held}, has {files} but no 'best-*.ckpt': no "
+            "validation ran during its fit (e.g. --trainer.max_steps ended before the first epoch's end, or "
+            "limit_val_batches=0), so no best checkpoint was chosen; lower --data.train_episodes so an epoch ends "
+            "within max_steps, or use --ckpt_path last, or pass a checkpoint's path"
+        )
     raise FileNotFoundError(
-        f"--ckpt_path best: no 'best-*.ckpt' under {base}/version_*/checkpoints; run `lightning-meta fit` "
-        "with the same config first, or pass the checkpoint's path"
+        f"--ckpt_path last: the newest run with checkpoints, {held}, has {files} but no last.ckpt; pass a "
+        "checkpoint's path"
+    )
+
+
+def find_best_checkpoint(trainer: Trainer) -> str:
+    """The best checkpoint of the newest earlier run under the trainer's log folder (see :func:`find_checkpoint`)."""
+    return find_checkpoint(trainer, "best")
+
+
+def check_checkpoint_class(ckpt_path: str, configured: str) -> None:
+    """Raise ValueError naming both classes unless the checkpoint's class is the configured one or a subclass."""
+    from .inference import checkpoint_class, read_checkpoint
+
+    checkpoint = read_checkpoint(ckpt_path)
+    if "lightning_meta" not in checkpoint and "_class_path" not in checkpoint.get("hyper_parameters", {}):
+        return  # an older checkpoint: the module's on_load_checkpoint decides
+    written_by = checkpoint_class(checkpoint, ckpt_path)
+    module_name, _, class_name = configured.rpartition(".")
+    try:
+        model_class = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError):
+        return  # jsonargparse reports a class it cannot import
+    if isinstance(model_class, type) and issubclass(written_by, model_class):
+        return
+    raise ValueError(
+        f"--ckpt_path {ckpt_path} was written by {written_by.__name__} "
+        f"({written_by.__module__}.{written_by.__qualname__}) but the model is {model_class.__name__} ({configured}); "
+        f"use the config of the algorithm that wrote it (e.g. configs/{written_by.__name__.lower()}/...), or pass "
+        "the checkpoint of a matching model"
     )
 
 
@@ -65,36 +123,136 @@ class MetaCLI(LightningCLI):
     """LightningCLI with the defaults few-shot training needs.
 
     - ``trainer.inference_mode=False``: MAML and Reptile adapt with gradients during evaluation.
-    - A checkpoint callback on ``val/acc`` (see :class:`EpisodicCheckpoint`) and the diagnostics of
-      :func:`~lightning_meta.callbacks.default_callbacks` (episode images, episodes/s, hp_metric,
-      adaptation curves).
-    - ``test``/``validate`` accept ``--ckpt_path best`` in a new process: the best checkpoint of
-      the newest earlier run in the same log folder.
+    - A checkpoint callback on ``val/acc`` (see :class:`EpisodicCheckpoint`), an
+      :class:`~lightning_meta.callbacks.InterruptCheckpoint` (``interrupted.ckpt`` on Ctrl-C) and
+      the callbacks of :func:`~lightning_meta.callbacks.default_callbacks` (episode images,
+      episodes/s, hp_metric, adaptation curves, divergence guard).
+    - ``test``/``validate``/``predict`` accept ``--ckpt_path best`` and ``--ckpt_path last`` in a
+      new process (the best or last checkpoint of the newest earlier run in the same log folder),
+      and ``fit`` accepts ``--ckpt_path last`` to resume the newest run.
     """
 
-    def _resolve_best(self) -> None:
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI replaces the configured model by the class and hyperparameters saved in
+        # --ckpt_path: `test --config configs/maml/... --ckpt_path <a ProtoNet checkpoint>` would
+        # silently test a ProtoNet. Refuse a checkpoint of a class unrelated to the configured one.
+        subcommand = self.config.get("subcommand")
+        settings = self.config.get(subcommand) if subcommand else None
+        ckpt_path = settings.get("ckpt_path") if settings is not None else None
+        model = settings.get("model") if settings is not None else None
+        configured = model.get("class_path") if model is not None and hasattr(model, "get") else None
+        if ckpt_path and configured and Path(ckpt_path).is_file():
+            check_checkpoint_class(str(ckpt_path), str(configured))
+        super()._parse_ckpt_path()
+
+    def _resolve(self, names: tuple[str, ...]) -> None:
         config = self.config_init[self.subcommand]
+        which = config.get("ckpt_path")
+        if which not in names:
+            return
         callback = self.trainer.checkpoint_callback
-        if config.get("ckpt_path") == "best" and not getattr(callback, "best_model_path", ""):
-            config["ckpt_path"] = find_best_checkpoint(self.trainer)
+        known = getattr(callback, "best_model_path" if which == "best" else "last_model_path", "")
+        if not known:
+            config["ckpt_path"] = find_checkpoint(self.trainer, which)
+
+    def before_fit(self) -> None:
+        self._resolve(("last",))
 
     def before_test(self) -> None:
-        self._resolve_best()
+        self._resolve(("best", "last"))
 
     def before_validate(self) -> None:
-        self._resolve_best()
+        self._resolve(("best", "last"))
+
+    def before_predict(self) -> None:
+        self._resolve(("best", "last"))
+
+
+HELP = (
+    "Few-shot meta-learning with PyTorch Lightning. `lightning-meta fit --config configs/<algorithm>/<data>.yaml` "
+    "trains; `test`/`validate --ckpt_path best` evaluate; `lightning-meta predict --ckpt_path X --support DIR "
+    "--query DIR --output out.csv` classifies your own images (see `lightning-meta predict --help`; with "
+    "--config it is Lightning's predict over the datamodule). Set LIGHTNING_META_DEBUG=1 for full tracebacks."
+)
+PREDICT_HELP = (
+    "Lightning's predict over a datamodule (class probabilities from predict_step). Without --config/--model, "
+    "`lightning-meta predict --support DIR --query DIR` classifies folders of images instead."
+)
+DEBUG_VARIABLE = "LIGHTNING_META_DEBUG"
+_OUR_PACKAGES = tuple(
+    str(Path(p).resolve()) + os.sep for p in (Path(__file__).parent, Path(datamodules.__file__).parent)
+)
+
+
+def _raised_on_purpose(error: BaseException) -> BaseException | None:
+    """The error this library raised on purpose behind ``error`` (itself or what it wraps), or None.
+
+    On purpose means a ValueError, FileNotFoundError, ImportError, ... raised by code in the
+    ``lightning_meta`` or ``datamodules`` packages (the traceback's last frame is there).
+    """
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ValueError | LookupError | OSError | ImportError | TypeError | RuntimeError):
+            frames = traceback.extract_tb(current.__traceback__)
+            if frames and str(Path(frames[-1].filename).resolve()).startswith(_OUR_PACKAGES):
+                return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _is_folder_predict(argv: list[str]) -> bool:
+    """``predict`` with ``--support``, or without a config or model (the Trainer path needs one of those)."""
+    if not argv or argv[0] != "predict":
+        return False
+    options = [a.split("=", 1)[0] for a in argv[1:]]
+    if "--support" in options:
+        return True
+    return not any(o in ("-c", "--config", "--model", "--data") or o.startswith("--model.") for o in options)
+
+
+def predict_main(args: list[str]) -> None:
+    """``lightning-meta predict --ckpt_path X --support DIR --query DIR --output out.csv``: see predict_folders."""
+    from jsonargparse import auto_cli
+
+    from .inference import predict_folders
+
+    result = auto_cli(predict_folders, args=args, as_positional=False, prog="lightning-meta predict")
+    counted = sum(t is not None and t in result.classes for t in result.true)
+    line = f"wrote {len(result.queries)} predictions over {len(result.classes)} classes to {result.output}"
+    if result.accuracy is not None:
+        line += f"; accuracy {result.accuracy:.3f} on the {counted} queries in class folders"
+    print(line)
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of ``lightning-meta`` and ``python -m lightning_meta``; ``args`` replaces ``sys.argv``."""
-    make_cli(args)
+    """Entry point of ``lightning-meta`` and ``python -m lightning_meta``; ``args`` replaces ``sys.argv``.
+
+    Errors that lightning-meta raises on purpose (a wrong path, a bad setting) print one line,
+    ``lightning-meta: error: <message>``, and exit with status 2; ``LIGHTNING_META_DEBUG=1``
+    shows the traceback instead.
+    """
+    argv = sys.argv[1:] if args is None else list(args)
+    try:
+        if _is_folder_predict(argv):
+            predict_main(argv[1:])
+        else:
+            make_cli(args)
+    except Exception as error:
+        ours = _raised_on_purpose(error)
+        if ours is None or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
+            raise
+        print(f"lightning-meta: error: {ours}", file=sys.stderr)
+        print(f"lightning-meta: set {DEBUG_VARIABLE}=1 for the traceback", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def make_cli(args: list[str] | None = None, run: bool = True) -> MetaCLI:
     """Build (and with ``run``, run) the :class:`MetaCLI`; returns it so tests can inspect the trainer."""
     trainer_defaults: dict[str, Any] = {
         "inference_mode": False,
-        "callbacks": [EpisodicCheckpoint(), *default_callbacks()],
+        "callbacks": [EpisodicCheckpoint(), InterruptCheckpoint(), *default_callbacks()],
     }
     return MetaCLI(
         EpisodicModule,
@@ -104,6 +262,7 @@ def make_cli(args: list[str] | None = None, run: bool = True) -> MetaCLI:
         seed_everything_default=0,
         trainer_defaults=trainer_defaults,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"description": HELP, "predict": {"description": PREDICT_HELP}},
         args=args,
         run=run,
     )

@@ -1,0 +1,135 @@
+"""The CLI's errors: one clear line for lightning-meta's own errors, and the cases that used to mislead."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lightning_meta import Conv4, ProtoNet
+from lightning_meta.callbacks import DivergenceError, DivergenceGuard
+from lightning_meta.cli import main, make_cli
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = Path(sys.executable).parent / "lightning-meta"
+PROTONET = REPO / "configs" / "protonet" / "omniglot_5w1s.yaml"
+
+
+def small_omniglot(root: Path) -> list[str]:
+    """Arguments for quick fits of the Omniglot configs on the fake zips."""
+    args = ["--data.root", str(root), "--data.rotations", "false", "--data.ways", "2", "--data.queries", "3"]
+    args += ["--data.train_ways", "2", "--data.val_episodes", "2", "--data.test_episodes", "2"]
+    return args + ["--trainer.enable_progress_bar", "false", "--trainer.precision", "32"]
+
+
+def test_missing_data_root_is_one_line_and_status_2(tmp_path):
+    command = [str(SCRIPT), "fit", "--config", str(PROTONET), "--data.root", str(tmp_path / "nowhere")]
+    env = {k: v for k, v in os.environ.items() if k != "LIGHTNING_META_DEBUG"}
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("lightning-meta: error:")]
+    assert len(errors) == 1 and "Omniglot files not found" in errors[0] and "nowhere" in errors[0]
+    assert "set LIGHTNING_META_DEBUG=1 for the traceback" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_debug_variable_shows_the_original_exception(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LIGHTNING_META_DEBUG", "1")
+    with pytest.raises(FileNotFoundError, match="Omniglot files not found"):
+        main(["fit", "--config", str(PROTONET), "--data.root", str(tmp_path / "nowhere")])
+
+
+def test_a_checkpoint_of_another_algorithm_names_both_classes(fake_omniglot, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    fit = make_cli(["fit", "--config", str(PROTONET), *small_omniglot(fake_omniglot), "--trainer.max_steps", "2"])
+    ckpt = Path(fit.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    assert ckpt.exists()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["test", "--config", str(REPO / "configs" / "maml" / "omniglot_5w1s.yaml"), *small_omniglot(fake_omniglot),
+              "--model.init_args.backbone.init_args.out_features", "2", "--data.tasks_per_batch", "1",
+              "--model.init_args.task_batching", "loop", "--ckpt_path", str(ckpt)])  # fmt: skip
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lightning-meta: error:")]
+    assert len(errors) == 1
+    assert "written by ProtoNet" in errors[0] and "the model is MAML" in errors[0]
+
+
+def test_best_after_a_fit_that_never_validated_says_why_and_last_works(fake_omniglot, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    common = ["--config", str(PROTONET), *small_omniglot(fake_omniglot)]
+    # An epoch is 100 episodes: 3 steps end the fit before the first validation.
+    fit = make_cli(["fit", *common, "--trainer.max_steps", "3"])
+    run = Path(fit.trainer.log_dir)
+    assert not list((run / "checkpoints").glob("best-*.ckpt")) and (run / "checkpoints" / "last.ckpt").exists()
+    with pytest.raises(FileNotFoundError, match="has last.ckpt but no 'best-\\*.ckpt': no validation ran") as error:
+        make_cli(["test", *common, "--ckpt_path", "best"])
+    assert "max_steps" in str(error.value) and "--ckpt_path last" in str(error.value)
+    assert "--data.train_episodes" in str(error.value)
+    test = make_cli(["test", *common, "--ckpt_path", "last"])
+    assert test.trainer.ckpt_path == str(run / "checkpoints" / "last.ckpt")
+    assert "test/acc" in test.trainer.callback_metrics
+
+
+def test_fit_ckpt_path_last_resumes_the_newest_run(fake_omniglot, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    common = ["fit", "--config", str(PROTONET), *small_omniglot(fake_omniglot)]
+    first = make_cli([*common, "--trainer.max_steps", "2"])
+    resumed = make_cli([*common, "--trainer.max_steps", "4", "--ckpt_path", "last"])
+    assert resumed.trainer.ckpt_path == str(Path(first.trainer.log_dir) / "checkpoints" / "last.ckpt")
+    assert resumed.trainer.global_step == 4
+
+
+def test_readme_maml_sinusoid_with_the_default_inner_lr_stops_with_the_cause(tmp_path):
+    command = [str(SCRIPT), "fit", "--model", "MAML", "--model.backbone", "lightning_meta.MLP", "--data", "Sinusoid",
+               "--trainer.max_epochs", "5", "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("lightning-meta: error:")]
+    assert len(errors) == 1 and "training diverged" in errors[0]
+    assert "MAML's inner_lr=0.4 is likely too large for this data; configs/maml/sinusoid.yaml uses 0.01" in errors[0]
+    assert not list(tmp_path.rglob("interrupted.ckpt"))  # a diverged model is not saved for resuming
+
+
+class NaNAfter(ProtoNet):
+    """A ProtoNet whose loss turns NaN from a given training step on."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(Conv4(hidden=8), channels_last=False)
+        self.nan_from = step
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.global_step >= self.nan_from else loss
+
+
+def test_divergence_guard_stops_a_non_finite_loss_naming_the_outer_lr(fake_omniglot):
+    from datamodules import Omniglot
+
+    data = Omniglot(str(fake_omniglot), rotations=False, ways=2, queries=3, train_episodes=20, val_episodes=2)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         callbacks=[DivergenceGuard()])  # fmt: skip
+    model = NaNAfter(step=3)
+    with pytest.raises(
+        DivergenceError, match=r"train/loss is nan at step 4 .*The outer learning rate lr=0.001 of NaNAfter is likely"
+    ):
+        trainer.fit(model, datamodule=data)
+
+
+def test_divergence_guard_rule_and_arguments():
+    with pytest.raises(ValueError, match="factor=0.5 must be > 1"):
+        DivergenceGuard(factor=0.5)
+    guard = DivergenceGuard(factor=10)
+    guard.load_state_dict({"reference": {"val/loss": 2.0}})
+    assert guard.state_dict() == {"reference": {"val/loss": 2.0}}
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    model = ProtoNet(Conv4(hidden=8))
+    guard._check(trainer, model, "val/loss", "val/loss", 19.0)  # within 10 x 2.0
+    with pytest.raises(DivergenceError, match="val/loss is 21 .* over 10 x its reference 2"):
+        guard._check(trainer, model, "val/loss", "val/loss", 21.0)
+    assert torch.isfinite(torch.tensor(guard.reference["val/loss"]))
