@@ -95,10 +95,15 @@ def test_fit_writes_tensorboard_and_test_best_reports_ci(omniglot_cache, tmp_pat
     assert cli.trainer.ckpt_path.endswith(".ckpt") and "best-" in cli.trainer.ckpt_path
 
 
-def test_test_best_without_a_previous_fit_is_a_clear_error(tmp_path, monkeypatch):
+def test_test_best_without_a_previous_fit_is_a_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    args = ["test", "--config", str(REPO / "configs" / "maml" / "sinusoid.yaml"), "--ckpt_path", "best"]
     with pytest.raises(FileNotFoundError, match="run `lightning-meta fit`"):
-        main(["test", "--config", str(REPO / "configs" / "maml" / "sinusoid.yaml"), "--ckpt_path", "best"])
+        make_cli(args)
+    with pytest.raises(SystemExit) as exit_info:  # main prints it as one line
+        main(args)
+    assert exit_info.value.code == 2
+    assert "lightning-meta: error: --ckpt_path best: no checkpoint under" in capsys.readouterr().err
 
 
 def test_wrong_key_names_the_key(tmp_path, monkeypatch, capsys):
