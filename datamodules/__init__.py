@@ -1,8 +1,9 @@
 """Episodic LightningDataModules and dataset bundles for few-shot learning."""
 
-from .base import EpisodeLoader, EpisodicDataModule
+from .base import EmptySplitError, EpisodeLoader, EpisodicDataModule
 from .cifar import CIFARFS, FC100
 from .cub import CUB
+from .download import DownloadError
 from .episodes import ClassEpisodeSampler, ClassImages, EpisodeBatch, EpisodeStream, as_episode_batch
 from .imagefolder import EpisodicImageFolder
 from .learn2learn_tasks import Learn2LearnTasks
@@ -16,6 +17,8 @@ __all__ = [
     "CUB",
     "ClassEpisodeSampler",
     "ClassImages",
+    "DownloadError",
+    "EmptySplitError",
     "EpisodeBatch",
     "EpisodeLoader",
     "EpisodeStream",

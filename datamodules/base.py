@@ -8,6 +8,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+
+# The episode settings are typed PositiveInt so that LightningCLI rejects a bad value while it parses,
+# naming the key; a ValueError from __init__ would reach the user only under jsonargparse's
+# "Does not validate against any of the Union subtypes", with a traceback.
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from torch.utils.data import DataLoader, get_worker_info
 
 from .episodes import (
@@ -25,6 +30,19 @@ from .episodes import (
 warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined.*")
 
 _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+
+
+class EmptySplitError(ValueError):
+    """A split has no classes. Raised when a stage uses the split; :meth:`prepare_data` skips such splits.
+
+    Only the splits a stage uses are required (``fit``: train and val; ``validate``: val;
+    ``test`` and ``predict``: test), so a data set without, say, test classes can still be fitted.
+    """
+
+
+def stage_uses(split: str) -> str:
+    """Which stages use ``split``, for error messages: "fit, validate" for 'val'."""
+    return ", ".join(stage for stage, splits in _STAGE_SPLITS.items() if split in splits)
 
 
 class EpisodeLoader(DataLoader):
@@ -162,18 +180,18 @@ class EpisodicDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        ways: int = 5,
-        shots: int = 1,
-        queries: int = 15,
-        tasks_per_batch: int = 1,
-        train_episodes: int = 100,
-        val_episodes: int = 100,
-        test_episodes: int = 1000,
-        train_ways: int | None = None,
-        train_shots: int | None = None,
-        train_queries: int | None = None,
+        ways: PositiveInt = 5,
+        shots: PositiveInt = 1,
+        queries: PositiveInt = 15,
+        tasks_per_batch: PositiveInt = 1,
+        train_episodes: PositiveInt = 100,
+        val_episodes: PositiveInt = 100,
+        test_episodes: PositiveInt = 1000,
+        train_ways: PositiveInt | None = None,
+        train_shots: PositiveInt | None = None,
+        train_queries: PositiveInt | None = None,
         seed: int = 0,
-        num_workers: int = 0,
+        num_workers: NonNegativeInt = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -190,10 +208,22 @@ class EpisodicDataModule(pl.LightningDataModule):
             "train_queries": train_queries,
         }
         for name, value in positive.items():
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name}={value!r} must be a positive integer")
-        if num_workers < 0:
-            raise ValueError(f"num_workers={num_workers} must be >= 0")
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                unset = f", or None to use {name[6:]}" if name.startswith("train_") and name[6:] in positive else ""
+                raise ValueError(
+                    f"{name}={value!r} must be at least 1; set {name} to a whole number of 1 or more{unset}"
+                )
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(
+                f"num_workers={num_workers!r} must be at least 0; set it to 0 (sampling in this process) or more"
+            )
+        # int(): the CLI passes jsonargparse's PositiveInt, an int subclass; keep plain ints.
+        ways, shots, queries, tasks_per_batch = int(ways), int(shots), int(queries), int(tasks_per_batch)
+        train_episodes, val_episodes, test_episodes = int(train_episodes), int(val_episodes), int(test_episodes)
+        train_ways, train_shots, train_queries = (
+            None if v is None else int(v) for v in (train_ways, train_shots, train_queries)
+        )
+        num_workers = int(num_workers)
         self.ways, self.shots, self.queries = ways, shots, queries
         self.tasks_per_batch = tasks_per_batch
         self.episodes = {"train": train_episodes, "val": val_episodes, "test": test_episodes}

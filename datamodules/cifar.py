@@ -7,6 +7,8 @@ published lists in ``datamodules/splits/{cifarfs,fc100}.json``.
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import pickle
 import tarfile
@@ -20,8 +22,10 @@ import numpy as np
 import torch
 
 from .augment import random_crop_flip
+from .base import PositiveInt
+from .download import Remote, download
 from .episodes import ClassImages
-from .images import CachedImageBundle, group_by_label, resize_images, warn_class_counts
+from .images import ARCHIVE_ERRORS, CachedImageBundle, damaged_archive, group_by_label, resize_images, warn_class_counts
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 ARCHIVE = "cifar-100-python.tar.gz"
@@ -60,7 +64,10 @@ def _unpickle(stream: IO[bytes], source: str) -> dict[str, Any]:
     try:
         content = pickle.load(stream, encoding="bytes")
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, zlib.error, OSError) as err:
-        raise ValueError(f"cannot read {source} ({err}); the file is corrupt, use the official {ARCHIVE}") from err
+        raise ValueError(
+            f"cannot read {source} ({err}); the file is corrupt: delete it and download it again "
+            f"(download=True), or use the official {ARCHIVE}"
+        ) from err
     if not isinstance(content, dict):
         raise ValueError(f"{source} is not a CIFAR-100 pickle (a dict); use the official {ARCHIVE}")
     return {_text(key): value for key, value in content.items()}
@@ -70,6 +77,43 @@ def _field(content: dict[str, Any], key: str, source: str) -> Any:
     if key not in content:
         raise ValueError(f"{source} has no '{key}' entry (it has {sorted(content)}); use the official {ARCHIVE}")
     return content[key]
+
+
+def _read_members(path: Path) -> dict[str, bytes]:
+    """The bytes of the members ``train``, ``test`` and ``meta`` of the archive ``path``, read in one pass.
+
+    ValueError naming the archive when it is no tar.gz or lacks a member, and naming the member
+    whose data (or the header after it) is damaged.
+    """
+    wanted = {f"{FOLDER}/{member}": member for member in MEMBERS}
+    found: dict[str, bytes] = {}
+    current = None  # the member being read: a bad CRC or deflate error lies in its data or the next header
+    try:
+        with tarfile.open(path, "r|gz") as archive:
+            for info in archive:
+                current = info.name
+                if info.name in wanted:
+                    stream = archive.extractfile(info)
+                    if stream is not None:
+                        found[wanted[info.name]] = stream.read()
+    except ARCHIVE_ERRORS as err:
+        if current is None:
+            raise ValueError(
+                f"{path} is not a valid tar.gz archive ({err}); delete it and re-run with download=True"
+            ) from err
+        raise damaged_archive(path, current, err) from err
+    missing = [f"{FOLDER}/{member}" for member in MEMBERS if member not in found]
+    if missing and current is not None:
+        # tarfile takes a garbled header for the end of the archive; the gzip checksum tells damage apart.
+        try:
+            with gzip.open(path) as whole:
+                while whole.read(1 << 20):
+                    pass
+        except ARCHIVE_ERRORS as err:
+            raise damaged_archive(path, current, err) from err
+    if missing:
+        raise ValueError(f"{path} has no {', '.join(map(repr, missing))}; expected the official {LAYOUT}")
+    return found
 
 
 def read_cifar100(path: Path) -> CIFAR100:
@@ -84,20 +128,8 @@ def read_cifar100(path: Path) -> CIFAR100:
             with open(path / member, "rb") as file:
                 raw[member] = _unpickle(file, str(path / member))
     else:
-        try:
-            with tarfile.open(path, "r:gz") as archive:
-                for member in MEMBERS:
-                    try:
-                        stream = archive.extractfile(f"{FOLDER}/{member}")
-                    except KeyError:
-                        stream = None
-                    if stream is None:
-                        raise ValueError(f"{path} has no '{FOLDER}/{member}'; expected the official {LAYOUT}")
-                    raw[member] = _unpickle(stream, f"{path}:{FOLDER}/{member}")
-        except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
-            raise ValueError(
-                f"{path} is not a valid tar.gz archive ({err}); delete it and re-run with download=True"
-            ) from err
+        for member, data in _read_members(path).items():
+            raw[member] = _unpickle(io.BytesIO(data), f"{path}:{FOLDER}/{member}")
     fine_names = [_text(n) for n in _field(raw["meta"], "fine_label_names", "meta")]
     coarse_names = [_text(n) for n in _field(raw["meta"], "coarse_label_names", "meta")]
     images, fine, coarse = [], [], []
@@ -142,8 +174,7 @@ class CIFAR100Bundle(CachedImageBundle):
         augment: random crop (4 px padding) and horizontal flip of training images, on the device.
         cache_dir: where the uint8 tensors are cached; default ``root``, or
             ``~/.cache/lightning_meta/<cifarfs or fc100>`` when ``root`` is read-only.
-        ways, shots, queries, tasks_per_batch, train_episodes, val_episodes, test_episodes,
-        train_ways, train_shots, train_queries, seed, num_workers: see :class:`EpisodicDataModule`.
+        **kwargs: the episode settings of :class:`EpisodicDataModule`.
     """
 
     #: Classes per split in the published split (a warning says when the files give another count).
@@ -153,43 +184,16 @@ class CIFAR100Bundle(CachedImageBundle):
         self,
         root: str = "data/cifar100",
         download: bool = False,
-        image_size: int = 32,
+        image_size: PositiveInt = 32,
         augment: bool = False,
         cache_dir: str | None = None,
-        ways: int = 5,
-        shots: int = 1,
-        queries: int = 15,
-        tasks_per_batch: int = 1,
-        train_episodes: int = 100,
-        val_episodes: int = 100,
-        test_episodes: int = 1000,
-        train_ways: int | None = None,
-        train_shots: int | None = None,
-        train_queries: int | None = None,
-        seed: int = 0,
-        num_workers: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            root, image_size, augment, cache_dir, ways, shots, queries, tasks_per_batch, train_episodes,
-            val_episodes, test_episodes, train_ways, train_shots, train_queries, seed, num_workers,
-        )  # fmt: skip
+        super().__init__(root=root, image_size=image_size, augment=augment, cache_dir=cache_dir, **kwargs)
         self.download = download
         self._cifar100: CIFAR100 | None = None
 
     # ------------------------------------------------------------------ files
-    def _download(self) -> None:
-        from torchvision.datasets.utils import download_url
-
-        path = self.root / ARCHIVE
-        try:
-            download_url(URL, str(self.root), ARCHIVE, md5=MD5)
-        except RuntimeError as err:  # torchvision's "File not found or corrupted." after a bad checksum
-            path.unlink(missing_ok=True)
-            raise ValueError(
-                f"the download of {URL} to {path} failed its MD5 check (expected {MD5}): {err} "
-                f"The file was deleted; re-run with download=True, or fetch {URL} by hand into {self.root}"
-            ) from err
-
     def _found(self) -> list[Path] | None:
         folder = self.root / FOLDER
         if all((folder / member).is_file() for member in MEMBERS):
@@ -202,7 +206,7 @@ class CIFAR100Bundle(CachedImageBundle):
         """The official archive, or the extracted files; downloaded first when missing and ``download``."""
         files = self._found()
         if files is None and self.download:
-            self._download()
+            download([Remote(URL, ARCHIVE, MD5)], self.root, "CIFAR-100")
             files = self._found()
         if files is None:
             raise FileNotFoundError(

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+from .base import PositiveInt
+from .download import Remote, download
 from .episodes import ClassImages
 from .images import CachedImageBundle, class_offsets, decode_images, warn_class_counts
 
@@ -49,8 +52,9 @@ class CUB(CachedImageBundle):
         augment: random crop and horizontal flip of training images (see :class:`CachedImageBundle`).
         cache_dir: where the uint8 tensors are cached; default ``root``, or
             ``~/.cache/lightning_meta/cub`` when ``root`` is read-only.
-        ways, shots, queries, tasks_per_batch, train_episodes, val_episodes, test_episodes,
-        train_ways, train_shots, train_queries, seed, num_workers: see :class:`EpisodicDataModule`.
+        queries: query examples per class (16, as in Chen et al. 2019).
+        test_episodes: test episodes (600, as in Chen et al. 2019).
+        **kwargs: the other episode settings of :class:`EpisodicDataModule`.
     """
 
     cache_name = "cub"
@@ -59,26 +63,22 @@ class CUB(CachedImageBundle):
         self,
         root: str = "data/cub",
         download: bool = False,
-        image_size: int = 84,
+        image_size: PositiveInt = 84,
         augment: bool = False,
         cache_dir: str | None = None,
-        ways: int = 5,
-        shots: int = 1,
-        queries: int = 16,
-        tasks_per_batch: int = 1,
-        train_episodes: int = 100,
-        val_episodes: int = 100,
-        test_episodes: int = 600,
-        train_ways: int | None = None,
-        train_shots: int | None = None,
-        train_queries: int | None = None,
-        seed: int = 0,
-        num_workers: int = 0,
+        queries: PositiveInt = 16,
+        test_episodes: PositiveInt = 600,
+        **kwargs: Any,
     ) -> None:
         super().__init__(
-            root, image_size, augment, cache_dir, ways, shots, queries, tasks_per_batch, train_episodes,
-            val_episodes, test_episodes, train_ways, train_shots, train_queries, seed, num_workers,
-        )  # fmt: skip
+            root=root,
+            image_size=image_size,
+            augment=augment,
+            cache_dir=cache_dir,
+            queries=queries,
+            test_episodes=test_episodes,
+            **kwargs,
+        )
         self.download = download
         self._classes: dict[str, list[tuple[str, list[Path]]]] = {}
 
@@ -88,19 +88,13 @@ class CUB(CachedImageBundle):
         inside = self.root / "images"
         return inside if self.root.name == FOLDER and inside.is_dir() else self.root / FOLDER / "images"
 
-    def _download(self) -> None:
-        from torchvision.datasets.utils import download_and_extract_archive
-
-        self.root.mkdir(parents=True, exist_ok=True)
-        download_and_extract_archive(URL, download_root=str(self.root), filename=ARCHIVE, md5=MD5)
-
     def class_files(self, split: str) -> list[tuple[str, list[Path]]]:
         """``(class folder name, image files)`` of the classes of ``split``, in sorted order."""
         if split in self._classes:
             return self._classes[split]
         images = self.images_dir()
         if not images.is_dir() and self.download:
-            self._download()
+            download([Remote(URL, ARCHIVE, MD5)], self.root, "CUB", extract=True)
         if not images.is_dir():
             raise FileNotFoundError(f"CUB images not found at {images}; " + LAYOUT.format(root=self.root))
         folders = [p for p in _visible(images) if p.is_dir()]

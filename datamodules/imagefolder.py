@@ -7,8 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .base import EmptySplitError, PositiveInt, stage_uses
 from .episodes import SPLITS, ClassImages
-from .images import IMAGE_EXTENSIONS, CachedImageBundle, class_offsets, decode_images
+from .images import IMAGE_EXTENSIONS, CachedImageBundle, class_offsets, decode_images, inverted, rotated_classes
 
 LAYOUT = """expected either
   {root}/<split>/<class>/<image> with the splits train, val and test, or
@@ -29,6 +30,10 @@ class EpisodicImageFolder(CachedImageBundle):
     skipped, and an image that cannot be decoded is an error naming it. Images are converted to
     ``channels``, resized to ``image_size`` squares and cached as uint8 tensors per split
     (``imagefolder_<split>_<S>px_<C>ch.pt``). Classes and images are taken in sorted order.
+    ``invert`` and ``rotations`` are applied when a split is loaded, so they share that cache. Only
+    the splits a stage uses need classes: with ``"test": []`` in ``split_file`` (or an empty
+    ``test/`` folder) ``fit`` works, and ``test`` says the split is empty. The episode arguments
+    (``ways``, ``shots``, ...) are those of :class:`EpisodicDataModule`.
 
     Args:
         root: the data folder.
@@ -36,11 +41,14 @@ class EpisodicImageFolder(CachedImageBundle):
             has ``train/``, ``val/`` and ``test/`` folders.
         image_size: side of the square images.
         channels: 3 (RGB) or 1 (grayscale).
+        invert: replace every pixel ``p`` by ``255 - p``: images with dark strokes on white (such as
+            Omniglot's PNGs) become light on dark, as the :class:`~datamodules.Omniglot` bundle gives them.
+        rotations: add each class rotated by 90, 180 and 270 degrees as three new classes, in every
+            split, as the Omniglot bundle's ``rotations`` does (class ``4 * c + r``).
         augment: random crop and horizontal flip of training images (see :class:`CachedImageBundle`).
         cache_dir: where the uint8 tensors are cached; default ``root``, or a folder under
             ``~/.cache/lightning_meta/imagefolder`` when ``root`` is read-only.
-        ways, shots, queries, tasks_per_batch, train_episodes, val_episodes, test_episodes,
-        train_ways, train_shots, train_queries, seed, num_workers: see :class:`EpisodicDataModule`.
+        **kwargs: the episode settings of :class:`EpisodicDataModule`.
     """
 
     cache_name = "imagefolder"
@@ -49,31 +57,19 @@ class EpisodicImageFolder(CachedImageBundle):
         self,
         root: str = "data/images",
         split_file: str | None = None,
-        image_size: int = 84,
+        image_size: PositiveInt = 84,
         channels: int = 3,
+        invert: bool = False,
+        rotations: bool = False,
         augment: bool = False,
         cache_dir: str | None = None,
-        ways: int = 5,
-        shots: int = 1,
-        queries: int = 15,
-        tasks_per_batch: int = 1,
-        train_episodes: int = 100,
-        val_episodes: int = 100,
-        test_episodes: int = 1000,
-        train_ways: int | None = None,
-        train_shots: int | None = None,
-        train_queries: int | None = None,
-        seed: int = 0,
-        num_workers: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            root, image_size, augment, cache_dir, ways, shots, queries, tasks_per_batch, train_episodes,
-            val_episodes, test_episodes, train_ways, train_shots, train_queries, seed, num_workers,
-        )  # fmt: skip
+        super().__init__(root=root, image_size=image_size, augment=augment, cache_dir=cache_dir, **kwargs)
         if channels not in (1, 3):
             raise ValueError(f"channels={channels!r} must be 1 (grayscale) or 3 (RGB)")
         self.split_file = Path(split_file).expanduser() if split_file else None
-        self.channels = channels
+        self.channels, self.invert, self.rotations = channels, invert, rotations
         self._splits: dict[str, list[str]] | None = None
 
     # ------------------------------------------------------------------ files
@@ -149,11 +145,23 @@ class EpisodicImageFolder(CachedImageBundle):
         path = super().cache_path(split)
         return path.with_name(f"{path.stem}_{self.channels}ch.pt")
 
+    def _empty(self, split: str) -> str:
+        uses = f"the stages {stage_uses(split)} use it; give it classes, or run a stage that does not use it"
+        if self.split_file is not None:
+            return f"the '{split}' split of split_file {self.split_file} is empty (\"{split}\": []); {uses}"
+        return f"the '{split}' split folder {self.root / split} has no class folders; {uses}. " + _layout(self.root)
+
+    def after_load(self, split: str, data: ClassImages) -> ClassImages:
+        """``invert`` and then ``rotations``, on the cached images."""
+        if self.invert:
+            data = inverted(data)
+        return rotated_classes(data) if self.rotations else data
+
     # ------------------------------------------------------------------ reading
     def read_split(self, split: str) -> ClassImages:
         folders = self.class_folders(split)
         if not folders:
-            raise ValueError(f"the '{split}' split of {self.root} has no class folders; " + _layout(self.root))
+            raise EmptySplitError(self._empty(split))
         files = [self.class_images(folder) for folder in folders]
         mode = "RGB" if self.channels == 3 else "L"
         images = decode_images([f for fs in files for f in fs], self.image_size, mode)

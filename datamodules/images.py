@@ -14,7 +14,10 @@ import hashlib
 import io
 import os
 import pickle
+import tarfile
 import warnings
+import zipfile
+import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -25,7 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .augment import random_crop_flip
-from .base import EpisodicDataModule
+from .base import EmptySplitError, EpisodicDataModule, PositiveInt
 from .episodes import SPLITS, ClassImages
 
 #: File name endings that PIL can open; other files in an image folder (notes, lists) are skipped.
@@ -174,6 +177,51 @@ def warn_class_counts(data: ClassImages, split: str, expected: dict[str, int], w
         )
 
 
+def rotated_classes(data: ClassImages) -> ClassImages:
+    """Each class of ``data`` and its rotations by 90, 180 and 270 degrees as four classes (Santoro et al. 2016).
+
+    Class ``4 * c + r`` holds the images of class ``c`` rotated by ``90 * r`` degrees
+    counter-clockwise, named ``<name>/rot000`` ... ``<name>/rot270``; images must be square.
+    """
+    counts = data.counts
+    total = len(data.images)
+    # Output row of image i of class c, rotation r: every rotation of a class follows its class's start * 4.
+    starts = data.offsets[:-1].repeat_interleave(counts)
+    within = torch.arange(total) - starts
+    sizes = counts.repeat_interleave(counts)
+    images = torch.empty(4 * total, *data.images.shape[1:], dtype=data.images.dtype)
+    for r in range(4):
+        images[4 * starts + r * sizes + within] = torch.rot90(data.images, r, dims=(-2, -1))
+    names = [f"{name}/rot{90 * r:03d}" for name in data.names for r in range(4)]
+    return ClassImages(images, class_offsets([int(c) for c in counts for _ in range(4)]), names)
+
+
+def inverted(data: ClassImages) -> ClassImages:
+    """``data`` with every pixel ``p`` replaced by ``255 - p`` (dark strokes on white become light on dark)."""
+    return ClassImages(255 - data.images, data.offsets, data.names)
+
+
+# ----------------------------------------------------------------------------- archives
+#: What reading a damaged archive member raises: a bad CRC, bad deflate data, a truncated stream.
+ARCHIVE_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, tarfile.TarError)
+
+
+def damaged_archive(archive: Path, member: str, err: BaseException, fix: str = "download=True") -> ValueError:
+    """The ValueError for a damaged ``member`` of ``archive``: names both and says to fetch the archive again."""
+    return ValueError(
+        f"{archive} is damaged: its member '{member}' cannot be read ({type(err).__name__}: {err}); delete "
+        f"{archive} and download it again (or re-run with {fix})"
+    )
+
+
+def read_zip_member(archive: zipfile.ZipFile, path: Path, member: str) -> bytes:
+    """The bytes of ``member`` of the zip ``archive`` read from ``path``; ValueError naming both when damaged."""
+    try:
+        return archive.read(member)
+    except ARCHIVE_ERRORS as err:
+        raise damaged_archive(path, member, err) from err
+
+
 # ----------------------------------------------------------------------------- base class
 class CachedImageBundle(EpisodicDataModule):
     """Base of the image bundles: files read by :meth:`read_split`, cached as uint8 tensors, optional augmentation.
@@ -184,14 +232,18 @@ class CachedImageBundle(EpisodicDataModule):
     ``<cache folder>/<cache_name>_<split>_<S>px.pt``; it is rebuilt when those files or
     :meth:`cache_params` change.
 
+    A bundle's constructor takes its own arguments and ``**kwargs``, passed on to this class and
+    then to :class:`EpisodicDataModule`, so the episode settings are declared once; LightningCLI
+    follows ``**kwargs`` into those signatures, so ``--data.ways 5`` and ``data.init_args.ways``
+    work for every bundle.
+
     Args:
         root: the data folder.
         image_size: side of the square images after resizing.
         augment: random crop (8 px padding) and horizontal flip of training images, on the device.
         cache_dir: where the uint8 tensors are cached; default ``root``, or
             ``~/.cache/lightning_meta/<name>`` when ``root`` is read-only.
-        ways, shots, queries, tasks_per_batch, train_episodes, val_episodes, test_episodes,
-        train_ways, train_shots, train_queries, seed, num_workers: see :class:`EpisodicDataModule`.
+        **kwargs: the episode settings (``ways``, ``shots``, ``queries``, ...): see :class:`EpisodicDataModule`.
     """
 
     #: Short name for cache files and the fallback cache folder.
@@ -202,28 +254,15 @@ class CachedImageBundle(EpisodicDataModule):
     def __init__(
         self,
         root: str,
-        image_size: int,
-        augment: bool,
-        cache_dir: str | None,
-        ways: int,
-        shots: int,
-        queries: int,
-        tasks_per_batch: int,
-        train_episodes: int,
-        val_episodes: int,
-        test_episodes: int,
-        train_ways: int | None,
-        train_shots: int | None,
-        train_queries: int | None,
-        seed: int,
-        num_workers: int,
+        image_size: PositiveInt,
+        augment: bool = False,
+        cache_dir: str | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            ways, shots, queries, tasks_per_batch, train_episodes, val_episodes, test_episodes,
-            train_ways, train_shots, train_queries, seed, num_workers,
-        )  # fmt: skip
+        super().__init__(**kwargs)
         if not isinstance(image_size, int) or image_size < 1:
-            raise ValueError(f"image_size={image_size!r} must be a positive integer")
+            raise ValueError(f"image_size={image_size!r} must be at least 1; set image_size to the side in pixels")
+        image_size = int(image_size)
         self.root, self.image_size = Path(root).expanduser(), image_size
         self.augment, self.cache_dir = augment, cache_dir
         self._loaded: dict[str, ClassImages] = {}
@@ -240,6 +279,14 @@ class CachedImageBundle(EpisodicDataModule):
     def cache_params(self) -> list[Any]:
         """Settings besides ``image_size`` that change the cached tensor (part of the cache stamp)."""
         return []
+
+    def after_load(self, split: str, data: ClassImages) -> ClassImages:
+        """Derive the classes of ``split`` from its cached images; called on every load, the result is not cached.
+
+        For cheap steps that should not need a cache of their own, such as rotations as classes or
+        inverted pixels; the identity by default.
+        """
+        return data
 
     def cache_folder_name(self) -> str:
         """Folder under ``~/.cache/lightning_meta`` used when ``root`` is read-only."""
@@ -265,13 +312,21 @@ class CachedImageBundle(EpisodicDataModule):
             data = self.read_split(split)
             content = {"images": data.images, "offsets": data.offsets, "names": data.names}
             save_cache(path, {"version": self.cache_version, "stamp": stamp, **content}, type(self).__name__)
+        data = self.after_load(split, data)
         self._loaded[split] = data
         return data
 
     def prepare_data(self) -> None:
-        """Read every split once and write the caches, on one process."""
+        """Read every split once and write the caches, on one process.
+
+        An empty split (:class:`EmptySplitError`) is skipped here: it is an error only in
+        :meth:`setup` for a stage that uses it.
+        """
         for split in SPLITS:
-            self.load_split(split)
+            try:
+                self.load_split(split)
+            except EmptySplitError:
+                continue
 
     def augment_images(self, images: torch.Tensor) -> torch.Tensor:
         """Random crop and flip of training images when ``augment`` (see :func:`random_crop_flip`)."""
@@ -295,19 +350,24 @@ def read_pickle(path: Path) -> Any:
 
 
 __all__ = [
+    "ARCHIVE_ERRORS",
     "CachedImageBundle",
     "IMAGE_EXTENSIONS",
     "cache_folder",
     "check_hwc",
     "class_offsets",
+    "damaged_archive",
     "decode_image",
     "decode_images",
     "files_stamp",
     "gather_hwc",
     "group_by_label",
+    "inverted",
     "load_cache",
     "read_pickle",
+    "read_zip_member",
     "resize_images",
+    "rotated_classes",
     "save_cache",
     "warn_class_counts",
     "writable",

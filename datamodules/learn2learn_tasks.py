@@ -107,8 +107,7 @@ class Learn2LearnTasks(EpisodicDataModule):
         benchmark: name of a learn2learn benchmark (see above); None with :meth:`from_tasksets`.
         root: where learn2learn keeps (and downloads) the benchmark's data.
         num_tasks: learn2learn's ``num_tasks``: -1 draws a fresh task every time.
-        ways, shots, queries, tasks_per_batch, train_episodes, val_episodes, test_episodes,
-        train_ways, train_shots, train_queries, seed, num_workers: see :class:`EpisodicDataModule`.
+        **kwargs: the episode settings of :class:`EpisodicDataModule`.
     """
 
     def __init__(
@@ -116,23 +115,9 @@ class Learn2LearnTasks(EpisodicDataModule):
         benchmark: str | None = None,
         root: str = "~/data",
         num_tasks: int = -1,
-        ways: int = 5,
-        shots: int = 1,
-        queries: int = 15,
-        tasks_per_batch: int = 1,
-        train_episodes: int = 100,
-        val_episodes: int = 100,
-        test_episodes: int = 1000,
-        train_ways: int | None = None,
-        train_shots: int | None = None,
-        train_queries: int | None = None,
-        seed: int = 0,
-        num_workers: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            ways, shots, queries, tasks_per_batch, train_episodes, val_episodes, test_episodes,
-            train_ways, train_shots, train_queries, seed, num_workers,
-        )  # fmt: skip
+        super().__init__(**kwargs)
         l2l = import_learn2learn()
         if benchmark is not None and benchmark not in l2l.vision.benchmarks.list_tasksets():
             raise ValueError(

@@ -1,21 +1,21 @@
-"""Omniglot (Lake et al. 2015) with the Vinyals et al. 2016 few-shot split."""
+"""Omniglot (Lake et al. 2015) with the Vinyals et al. 2016 or the Lake et al. 2015 few-shot split."""
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import warnings
 import zipfile
 from importlib import resources
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
-from PIL import Image
 
-from .base import EpisodicDataModule
+from .base import EmptySplitError, PositiveInt
+from .download import Remote, download
 from .episodes import ClassImages
-from .images import cache_folder, load_cache, save_cache
+from .images import CachedImageBundle, decode_image, read_zip_member, rotated_classes
 
 ZIPS = ("images_background", "images_evaluation")
 URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/{}.zip"
@@ -27,7 +27,15 @@ MD5 = {
 NUM_CHARACTERS = {"images_background": 964, "images_evaluation": 659}
 DRAWERS = 20
 _PNG = re.compile(r"^(images_background|images_evaluation)/([^/]+)/character(\d\d)/(\d{4})_(\d\d)\.png$")
-_CACHE_VERSION = 1
+
+#: The validation alphabets of the Lake split: every fourth of the 20 evaluation alphabets in sorted
+#: order, starting with the first (140 characters); the other 15 (519 characters) are the test set.
+LAKE_VAL_ALPHABETS = ("Angelic", "Avesta", "Kannada", "Mongolian", "Syriac_(Serto)")
+#: The zips each split is read from.
+SPLIT_ZIPS: dict[str, dict[str, tuple[str, ...]]] = {
+    "vinyals": {"train": ZIPS, "val": ZIPS, "test": ZIPS},
+    "lake": {"train": ZIPS[:1], "val": ZIPS[1:], "test": ZIPS[1:]},
+}
 
 
 def vinyals_split() -> dict[str, dict[str, str | list[int]]]:
@@ -37,7 +45,7 @@ def vinyals_split() -> dict[str, dict[str, str | list[int]]]:
 
 
 def split_of(character: str, split: dict[str, dict[str, str | list[int]]]) -> str:
-    """'train', 'val' or 'test' for a character named ``Alphabet/characterNN``."""
+    """'train', 'val' or 'test' of the Vinyals split for a character named ``Alphabet/characterNN``."""
     alphabet, char = character.split("/")
     number = int(char[len("character") :])
     for name in ("val", "test"):
@@ -47,11 +55,18 @@ def split_of(character: str, split: dict[str, dict[str, str | list[int]]]) -> st
     return "train"
 
 
+def lake_split_of(character: str, zip_name: str) -> str:
+    """'train', 'val' or 'test' of the Lake split for a character ``Alphabet/characterNN`` of ``zip_name``."""
+    if zip_name == "images_background":
+        return "train"
+    return "val" if character.split("/")[0] in LAKE_VAL_ALPHABETS else "test"
+
+
 def read_zip(path: Path, image_size: int) -> tuple[list[str], torch.Tensor]:
     """Decode an official Omniglot zip into character names and a ``[chars, 20, 1, S, S]`` uint8 tensor.
 
     Strokes become 255 and the background 0. Raises ValueError naming the file when it is not
-    a zip or does not have the official layout.
+    a zip or does not have the official layout, and naming the member when one is damaged.
     """
     try:
         archive = zipfile.ZipFile(path)
@@ -81,135 +96,125 @@ def read_zip(path: Path, image_size: int) -> tuple[list[str], torch.Tensor]:
                     f"{path}: character '{name}' does not have drawings 01..{DRAWERS}; use the official zip"
                 )
             for d, (_, entry) in enumerate(drawings):
-                try:
-                    with Image.open(io.BytesIO(archive.read(entry))) as im:
-                        small = im.convert("L").resize((image_size, image_size), Image.Resampling.LANCZOS)
-                except (OSError, zipfile.BadZipFile, ValueError) as err:
-                    raise ValueError(f"{path}: cannot decode '{entry}' ({err}); the file is corrupt") from err
-                images[c, d, 0] = 255 - torch.frombuffer(bytearray(small.tobytes()), dtype=torch.uint8).view(
-                    image_size, image_size
-                )
+                images[c, d] = decode_image(read_zip_member(archive, path, entry), image_size, "L", f"{path}:{entry}")
     if len(names) != NUM_CHARACTERS[path.stem]:
         warnings.warn(
             f"{path} has {len(names)} characters, the official file has {NUM_CHARACTERS[path.stem]}",
             stacklevel=2,
         )
-    return names, images
+    return names, 255 - images  # the PNGs have dark strokes on white
 
 
-class Omniglot(EpisodicDataModule):
-    """Omniglot episodes: 1623 handwritten characters, 20 drawings each (Lake et al. 2015).
+class Omniglot(CachedImageBundle):
+    """Omniglot episodes: 1623 handwritten characters of 50 alphabets, 20 drawings each (Lake et al. 2015).
 
-    Reads the official ``images_background.zip`` and ``images_evaluation.zip`` from ``root``
-    without extracting them, resizes every drawing once to ``image_size`` and caches the uint8
-    tensor (``omniglot_<S>px.pt``) so later starts take well under a second. Splits by character
-    follow Vinyals et al. 2016 (1028 train / 172 val / 423 test), and with ``rotations`` each
-    character rotated by 90, 180 and 270 degrees is a new class, as in Vinyals et al. and Snell
-    et al. 2017 (so 4112 / 688 / 1692 classes).
+    Reads the official ``images_background.zip`` (30 alphabets, 964 characters) and
+    ``images_evaluation.zip`` (20 alphabets, 659 characters) from ``root`` without extracting them,
+    resizes every drawing once to ``image_size`` with strokes 255 on a 0 background, and caches each
+    split as a uint8 tensor (``omniglot_<split>_<S>px.pt`` for the Vinyals split,
+    ``omniglot_lake_<split>_<S>px.pt`` for the Lake split) so later starts take well under a second.
+
+    Two splits by character, chosen with ``split``:
+
+    - ``"vinyals"`` (Vinyals et al. 2016, as in Snell et al. 2017): 1028 train / 172 val / 423
+      test characters, taken from both zips, so its training set holds characters of the
+      evaluation set (for example Gurmukhi's characters 1-41, while 42-45 are test).
+    - ``"lake"`` (Lake et al. 2015): train is the 30 background alphabets (964 characters);
+      val and test are the 20 evaluation alphabets, split by alphabet in a fixed, documented way:
+      every fourth of their names in sorted order, starting with the first, is val
+      (:data:`LAKE_VAL_ALPHABETS`: Angelic, Avesta, Kannada, Mongolian, Syriac_(Serto), 140
+      characters), the other 15 are test (519 characters). No alphabet is shared between splits.
+
+    With ``rotations`` each character rotated by 90, 180 and 270 degrees is a new class, as in
+    Vinyals et al. and Snell et al. (so 4112 / 688 / 1692 classes for the Vinyals split and
+    3856 / 560 / 2076 for the Lake split). The episode arguments (``ways``, ``shots``,
+    ``queries``, ``tasks_per_batch``, ...) are those of :class:`EpisodicDataModule`.
 
     Args:
         root: folder holding the two zips (downloaded there when ``download``).
         download: fetch missing zips from github.com/brendenlake/omniglot and check their MD5.
         image_size: side of the square images after resizing.
         rotations: add the rotated characters as new classes.
-        cache_dir: where the resized tensor is cached; default ``root``, or
-            ``~/.cache/lightning_meta`` when ``root`` is read-only.
-        ways, shots, queries, tasks_per_batch, train_episodes, val_episodes, test_episodes,
-        train_ways, train_shots, train_queries, seed, num_workers: see :class:`EpisodicDataModule`.
+        split: "vinyals" or "lake", see above.
+        cache_dir: where the resized tensors are cached; default ``root``, or
+            ``~/.cache/lightning_meta/omniglot`` when ``root`` is read-only.
+        **kwargs: the episode settings of :class:`EpisodicDataModule`.
     """
+
+    cache_name = "omniglot"
+    cache_version = 2
 
     def __init__(
         self,
         root: str = "data/omniglot",
         download: bool = False,
-        image_size: int = 28,
+        image_size: PositiveInt = 28,
         rotations: bool = True,
+        split: Literal["vinyals", "lake"] = "vinyals",
         cache_dir: str | None = None,
-        ways: int = 5,
-        shots: int = 1,
-        queries: int = 15,
-        tasks_per_batch: int = 1,
-        train_episodes: int = 100,
-        val_episodes: int = 100,
-        test_episodes: int = 1000,
-        train_ways: int | None = None,
-        train_shots: int | None = None,
-        train_queries: int | None = None,
-        seed: int = 0,
-        num_workers: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            ways, shots, queries, tasks_per_batch, train_episodes, val_episodes, test_episodes,
-            train_ways, train_shots, train_queries, seed, num_workers,
-        )  # fmt: skip
-        if image_size < 1:
-            raise ValueError(f"image_size={image_size} must be a positive integer")
-        self.root, self.download, self.image_size = Path(root).expanduser(), download, image_size
-        self.rotations, self.cache_dir = rotations, cache_dir
-        self._all: tuple[list[str], torch.Tensor] | None = None
+        super().__init__(root=root, image_size=image_size, augment=False, cache_dir=cache_dir, **kwargs)
+        if split not in SPLIT_ZIPS:
+            raise ValueError(f"split={split!r} must be one of {sorted(SPLIT_ZIPS)}; see the Omniglot docstring")
+        self.download, self.rotations, self.split = download, rotations, split
+        self._zips: dict[str, tuple[list[str], torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ files
     def _zip(self, name: str) -> Path:
         return self.root / f"{name}.zip"
 
-    def _download(self) -> None:
-        from torchvision.datasets.utils import download_url
-
-        self.root.mkdir(parents=True, exist_ok=True)
-        for name in ZIPS:
-            if not self._zip(name).exists():
-                download_url(URL.format(name), str(self.root), f"{name}.zip", md5=MD5[name])
-
-    def cache_path(self) -> Path:
-        """Where the resized uint8 tensor is (or will be) cached."""
-        return cache_folder(self.root, "omniglot", self.cache_dir) / f"omniglot_{self.image_size}px.pt"
-
-    def _stamp(self) -> list[list[int | str]]:
-        return [[name, self._zip(name).stat().st_size, self._zip(name).stat().st_mtime_ns] for name in ZIPS]
-
-    def prepare_data(self) -> None:
-        """Download (if asked) and build the cache once, on one process."""
-        self._load_all()
-
-    def _load_all(self) -> tuple[list[str], torch.Tensor]:
-        if self._all is not None:
-            return self._all
+    def source_files(self, split: str) -> list[Path]:
+        """The zips ``split`` is read from; both are downloaded first when missing and ``download``."""
         missing = [self._zip(name) for name in ZIPS if not self._zip(name).exists()]
         if missing and self.download:
-            self._download()
+            download([Remote(URL.format(n), f"{n}.zip", MD5[n]) for n in ZIPS], self.root, "Omniglot")
         elif missing:
             raise FileNotFoundError(
                 f"Omniglot files not found: {', '.join(map(str, missing))}. Set root= to the folder "
                 f"holding images_background.zip and images_evaluation.zip, or pass download=True"
             )
-        cache = self.cache_path()
-        stamp = self._stamp()
-        saved = load_cache(cache, _CACHE_VERSION, stamp)
-        if saved is not None:
-            self._all = saved["names"], saved["images"]
-            return self._all
-        names, parts = [], []
-        for name in ZIPS:
-            chars, images = read_zip(self._zip(name), self.image_size)
-            names += chars
-            parts.append(images)
-        self._all = names, torch.cat(parts)
-        save_cache(
-            cache, {"version": _CACHE_VERSION, "stamp": stamp, "names": names, "images": self._all[1]}, "Omniglot"
-        )
-        return self._all
+        return [self._zip(name) for name in SPLIT_ZIPS[self.split][split]]
 
-    # ------------------------------------------------------------------ splits
-    def load_split(self, split: str) -> ClassImages:
-        names, images = self._load_all()
+    def cache_path(self, split: str) -> Path:
+        """``omniglot_<split>_<S>px.pt`` for the Vinyals split, ``omniglot_lake_<split>_<S>px.pt`` for Lake's."""
+        path = super().cache_path(split)
+        if self.split == "vinyals":
+            return path
+        return path.with_name(path.name.replace(f"{self.cache_name}_", f"{self.cache_name}_{self.split}_", 1))
+
+    def cache_params(self) -> list[Any]:
+        return [self.split]
+
+    # ------------------------------------------------------------------ reading
+    def read_split(self, split: str) -> ClassImages:
         spec = vinyals_split()
-        chosen = [i for i, name in enumerate(names) if split_of(name, spec) == split]
-        if not chosen:
-            raise ValueError(f"the '{split}' split of Omniglot in {self.root} is empty; use the official zips")
-        data = images[chosen]  # [C, 20, 1, S, S]
-        chosen_names = [names[i] for i in chosen]
-        if self.rotations:
-            # class index = character * 4 + rotation, as in Vinyals et al.
-            data = torch.stack([torch.rot90(data, r, dims=(-2, -1)) for r in range(4)], dim=1).flatten(0, 1)
-            chosen_names = [f"{n}/rot{90 * r:03d}" for n in chosen_names for r in range(4)]
-        return ClassImages.from_equal_classes(data.contiguous(), chosen_names)
+        names: list[str] = []
+        parts = []
+        for zip_name in SPLIT_ZIPS[self.split][split]:
+            if zip_name not in self._zips:  # prepare_data reads each zip once for the three splits
+                self._zips[zip_name] = read_zip(self._zip(zip_name), self.image_size)
+            chars, images = self._zips[zip_name]
+            if self.split == "vinyals":
+                chosen = [i for i, name in enumerate(chars) if split_of(name, spec) == split]
+            else:
+                chosen = [i for i, name in enumerate(chars) if lake_split_of(name, zip_name) == split]
+            names += [chars[i] for i in chosen]
+            parts.append(images[chosen])
+        if not names:
+            raise EmptySplitError(
+                f"the '{split}' split of Omniglot (split={self.split!r}) in {self.root} is empty; use the official zips"
+            )
+        return ClassImages.from_equal_classes(torch.cat(parts).contiguous(), names)
+
+    def after_load(self, split: str, data: ClassImages) -> ClassImages:
+        """Rotations as classes when ``rotations`` (class ``4 * character + r``, as in Vinyals et al.)."""
+        return rotated_classes(data) if self.rotations else data
+
+    def prepare_data(self) -> None:
+        """Download (if asked) and build the caches once, on one process."""
+        super().prepare_data()
+        self._zips.clear()
+
+
+__all__ = ["LAKE_VAL_ALPHABETS", "Omniglot", "lake_split_of", "read_zip", "split_of", "vinyals_split"]

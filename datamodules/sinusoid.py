@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
-from .base import EpisodicDataModule
+from .base import EpisodicDataModule, PositiveInt
 from .episodes import EpisodeBatch
 
 
@@ -43,38 +44,44 @@ class Sinusoid(EpisodicDataModule):
     sine; ``support_x``/``query_x`` are ``[B, K, 1]`` inputs and ``support_y``/``query_y`` the
     ``[B, K, 1]`` targets.
 
+    The episode arguments are those of :class:`EpisodicDataModule`, with other defaults for the
+    four below; ``ways`` is always 1 (one function per task).
+
     Args:
         shots: support points per task (K; the paper uses 5, 10 and 20).
         queries: query points per task for the outer loss and the evaluation.
         tasks_per_batch: tasks per meta-batch (25 in the paper).
-        train_episodes, val_episodes, test_episodes, seed, num_workers: see :class:`EpisodicDataModule`.
+        train_episodes: training tasks per epoch.
         amplitude_min, amplitude_max, phase_min, phase_max, x_min, x_max: the task distribution.
+        **kwargs: the other episode settings of :class:`EpisodicDataModule` (``val_episodes``,
+            ``test_episodes``, ``train_shots``, ``train_queries``, ``seed``, ``num_workers``).
     """
 
     task = "regression"
 
     def __init__(
         self,
-        shots: int = 10,
-        queries: int = 10,
-        tasks_per_batch: int = 25,
-        train_episodes: int = 2500,
-        val_episodes: int = 100,
-        test_episodes: int = 1000,
-        seed: int = 0,
-        num_workers: int = 0,
+        shots: PositiveInt = 10,
+        queries: PositiveInt = 10,
+        tasks_per_batch: PositiveInt = 25,
+        train_episodes: PositiveInt = 2500,
         amplitude_min: float = 0.1,
         amplitude_max: float = 5.0,
         phase_min: float = 0.0,
         phase_max: float = math.pi,
         x_min: float = -5.0,
         x_max: float = 5.0,
+        **kwargs: Any,
     ) -> None:
         super().__init__(
-            ways=1, shots=shots, queries=queries, tasks_per_batch=tasks_per_batch,
-            train_episodes=train_episodes, val_episodes=val_episodes, test_episodes=test_episodes,
-            seed=seed, num_workers=num_workers,
-        )  # fmt: skip
+            ways=1,
+            train_ways=None,
+            shots=shots,
+            queries=queries,
+            tasks_per_batch=tasks_per_batch,
+            train_episodes=train_episodes,
+            **kwargs,
+        )
         for name, low, high in (("amplitude", amplitude_min, amplitude_max), ("phase", phase_min, phase_max),
                                 ("x", x_min, x_max)):  # fmt: skip
             if not low <= high:

@@ -8,6 +8,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from .base import PositiveInt
 from .episodes import ClassImages
 from .images import (
     CachedImageBundle,
@@ -66,8 +67,7 @@ class TieredImageNet(CachedImageBundle):
         augment: random crop and horizontal flip of training images (see :class:`CachedImageBundle`).
         cache_dir: where the uint8 tensors are cached; default ``root``, or
             ``~/.cache/lightning_meta/tieredimagenet`` when ``root`` is read-only.
-        ways, shots, queries, tasks_per_batch, train_episodes, val_episodes, test_episodes,
-        train_ways, train_shots, train_queries, seed, num_workers: see :class:`EpisodicDataModule`.
+        **kwargs: the episode settings of :class:`EpisodicDataModule`.
     """
 
     cache_name = "tieredimagenet"
@@ -75,27 +75,13 @@ class TieredImageNet(CachedImageBundle):
     def __init__(
         self,
         root: str = "data/tieredimagenet",
-        image_size: int = 84,
+        image_size: PositiveInt = 84,
         npz_channel_order: Literal["bgr", "rgb"] = "bgr",
         augment: bool = False,
         cache_dir: str | None = None,
-        ways: int = 5,
-        shots: int = 1,
-        queries: int = 15,
-        tasks_per_batch: int = 1,
-        train_episodes: int = 100,
-        val_episodes: int = 100,
-        test_episodes: int = 1000,
-        train_ways: int | None = None,
-        train_shots: int | None = None,
-        train_queries: int | None = None,
-        seed: int = 0,
-        num_workers: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            root, image_size, augment, cache_dir, ways, shots, queries, tasks_per_batch, train_episodes,
-            val_episodes, test_episodes, train_ways, train_shots, train_queries, seed, num_workers,
-        )  # fmt: skip
+        super().__init__(root=root, image_size=image_size, augment=augment, cache_dir=cache_dir, **kwargs)
         if npz_channel_order not in ("bgr", "rgb"):
             raise ValueError(f"npz_channel_order={npz_channel_order!r} must be 'bgr' or 'rgb'")
         self.npz_channel_order = npz_channel_order

@@ -1,4 +1,5 @@
 import shutil
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -71,16 +72,20 @@ def test_empty_class_folder_is_named(tmp_path):
 
 def test_download_fetches_the_official_archive_with_its_md5(tmp_path, monkeypatch):
     calls = []
+    archive = tmp_path / "served" / "CUB_200_2011.tgz"
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(write_cub(tmp_path / "made", classes=8, per_class=3) / "CUB_200_2011", arcname="CUB_200_2011")
 
-    def fake_download(url, download_root, filename, md5):
+    def fake_download(url, root, filename, md5):
         calls.append((url, filename, md5))
-        write_cub(Path(download_root), classes=8, per_class=3)
+        shutil.copy(archive, Path(root) / filename)
 
-    monkeypatch.setattr("torchvision.datasets.utils.download_and_extract_archive", fake_download)
+    monkeypatch.setattr("torchvision.datasets.utils.download_url", fake_download)
     root = tmp_path / "new"
     dm = CUB(root=str(root), download=True)
     dm.prepare_data()
-    assert calls == [(URL, "CUB_200_2011.tgz", MD5)]
+    assert calls == [(URL, "CUB_200_2011.tgz", MD5)]  # then unpacked by the real extract_archive
     assert URL == "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz"
     assert MD5 == "97eceeb196236b17998738112f37df78"
     assert dm.load_split("test").num_classes == 2

@@ -7,7 +7,8 @@ import pytest
 import torch
 from fake_data import fake_image, write_imagefolder
 
-from datamodules import EpisodicImageFolder
+from datamodules import EpisodicImageFolder, Omniglot
+from datamodules.base import EmptySplitError
 from datamodules.omniglot import read_zip
 
 
@@ -144,3 +145,80 @@ def test_real_omniglot_pngs_match_the_omniglot_bundle(omniglot_root, tmp_path):
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert batch.support_x.shape == (1, 5, 1, 28, 28) and batch.query_x.shape == (1, 25, 1, 28, 28)
+
+
+def test_invert_and_rotations_give_the_omniglot_bundles_tensors(omniglot_root, tmp_path):
+    """Real Omniglot PNGs in class folders, invert=True and rotations=True: the Omniglot bundle's tensors."""
+    with zipfile.ZipFile(omniglot_root / "images_evaluation.zip") as archive:
+        entries = sorted(n for n in archive.namelist() if n.endswith(".png"))
+        characters = sorted({n.rsplit("/", 1)[0] for n in entries})[:3]  # Angelic 1-3: Lake val characters
+        chosen = [n for n in entries if n.rsplit("/", 1)[0] in characters]
+        (tmp_path / "zips").mkdir()
+        with zipfile.ZipFile(tmp_path / "zips" / "images_evaluation.zip", "w") as small:
+            for name in chosen:
+                small.writestr(name, archive.read(name))
+        for character in characters:
+            _, alphabet, char = character.split("/")
+            folder = tmp_path / "flat" / f"{alphabet}_{char}"
+            folder.mkdir(parents=True)
+            for name in chosen:
+                if name.startswith(character + "/"):
+                    (folder / name.rsplit("/", 1)[1]).write_bytes(archive.read(name))
+    shutil.copy(omniglot_root / "images_background.zip", tmp_path / "zips")
+    split_file = tmp_path / "splits.json"
+    split_file.write_text(
+        json.dumps({"train": [], "val": sorted(p.name for p in (tmp_path / "flat").iterdir()), "test": []})
+    )
+    folder = EpisodicImageFolder(
+        root=str(tmp_path / "flat"), split_file=str(split_file), image_size=28, channels=1, invert=True, rotations=True
+    ).load_split("val")
+    bundle = Omniglot(root=str(tmp_path / "zips"), split="lake", cache_dir=str(tmp_path / "c")).load_split("val")
+    assert folder.num_classes == bundle.num_classes == 12 and folder.counts.tolist() == [20] * 12
+    assert folder.names == [n.replace("/", "_", 1) for n in bundle.names]  # Angelic_character01/rot000, ...
+    assert torch.equal(folder.images, bundle.images)
+    plain = EpisodicImageFolder(root=str(tmp_path / "flat"), split_file=str(split_file), image_size=28, channels=1)
+    unrotated = bundle.images.view(3, 4, 20, 1, 28, 28)[:, 0].reshape(-1, 1, 28, 28)
+    assert torch.equal(255 - plain.load_split("val").images, unrotated)  # dark strokes on white without invert
+
+
+def test_rotations_of_classes_of_unequal_sizes(tmp_path):
+    root = write_imagefolder(tmp_path / "data", classes=2, per_class=3, size=12)
+    (root / "test" / "test_class0" / "002.png").unlink()
+    plain = EpisodicImageFolder(root=str(root), image_size=12).load_split("test")
+    rotated = EpisodicImageFolder(root=str(root), image_size=12, rotations=True).load_split("test")
+    assert plain.counts.tolist() == [2, 3] and rotated.counts.tolist() == [2, 2, 2, 2, 3, 3, 3, 3]
+    assert rotated.names[4:6] == ["test_class1/rot000", "test_class1/rot090"]
+    for c in range(2):
+        for r in range(4):
+            start, stop = rotated.offsets[4 * c + r], rotated.offsets[4 * c + r + 1]
+            original = plain.images[plain.offsets[c] : plain.offsets[c + 1]]
+            assert torch.equal(rotated.images[start:stop], torch.rot90(original, r, dims=(-2, -1)))
+
+
+def test_empty_test_split_only_fails_the_stages_that_use_it(tmp_path):
+    split_file = flatten_to_split_file(write_imagefolder(tmp_path / "data", classes=3, per_class=4, size=8), tmp_path)
+    spec = json.loads(split_file.read_text())
+    split_file.write_text(json.dumps({**spec, "test": []}))
+    dm = EpisodicImageFolder(root=str(tmp_path / "flat"), split_file=str(split_file), image_size=8, ways=3, queries=2)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert next(iter(dm.train_dataloader())).support_x.shape == (1, 3, 3, 8, 8)
+    dm.setup("validate")
+    with pytest.raises(EmptySplitError) as err:
+        dm.setup("test")
+    message = str(err.value)
+    assert f"the 'test' split of split_file {split_file} is empty" in message
+    assert "the stages test, predict use it; give it classes" in message
+
+
+def test_empty_split_folder_only_fails_the_stages_that_use_it(tmp_path):
+    root = write_imagefolder(tmp_path / "data", classes=3, per_class=4, size=8)
+    shutil.rmtree(root / "val")
+    (root / "val").mkdir()
+    dm = EpisodicImageFolder(root=str(root), image_size=8, ways=3, queries=2)
+    dm.prepare_data()
+    dm.setup("test")
+    with pytest.raises(
+        ValueError, match=rf"the 'val' split folder {root / 'val'} has no class folders; the stages fit"
+    ):
+        dm.setup("fit")

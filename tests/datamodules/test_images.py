@@ -125,5 +125,5 @@ def test_more_ways_than_classes_is_a_clear_error(bundle, tmp_path):
 
 @BUNDLES
 def test_image_size_is_validated(bundle, tmp_path):
-    with pytest.raises(ValueError, match="image_size=0 must be a positive integer"):
+    with pytest.raises(ValueError, match="image_size=0 must be at least 1"):
         make(bundle, tmp_path, image_size=0)

@@ -1,0 +1,192 @@
+"""Bad input (issue "bad input"): episode settings, damaged archives and downloads without network.
+
+Each error is checked where a user meets it: through the real CLI or the public constructor.
+"""
+
+import gzip
+import io
+import shutil
+import tarfile
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from datamodules import CIFARFS, CUB, Omniglot
+from datamodules.download import DownloadError
+from lightning_meta.cli import make_cli
+
+DATA = Path(__file__).parents[1] / "data"
+pytestmark = pytest.mark.filterwarnings("ignore:.*the official file has", "ignore:the '.*' split of .* classes")
+
+
+# ----------------------------------------------------------------------------- 1. episode settings
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("ways", "0"),
+        ("ways", "-5"),
+        ("shots", "0"),
+        ("shots", "-1"),
+        ("queries", "0"),
+        ("tasks_per_batch", "0"),
+        ("train_episodes", "0"),
+        ("val_episodes", "-2"),
+        ("test_episodes", "0"),
+        ("train_ways", "0"),
+        ("train_shots", "-1"),
+        ("train_queries", "0"),
+        ("num_workers", "-1"),
+        ("image_size", "0"),
+    ],
+)
+def test_cli_names_the_bad_setting_and_its_value(key, value, fake_omniglot, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--model", "ProtoNet", "--data", "Omniglot", "--data.root", str(fake_omniglot)]
+    with pytest.raises(SystemExit) as exit_info:
+        make_cli([*args, f"--data.{key}", value, "--trainer.fast_dev_run", "1"])
+    assert exit_info.value.code == 2  # a usage error while parsing, before anything is built
+    err = capsys.readouterr().err
+    assert f'Parser key "{key}"' in err
+    assert "NonNegativeInt" in err if key == "num_workers" else "Not of type PositiveInt" in err
+    assert value in err and "Traceback" not in err
+
+
+def test_yaml_config_with_a_bad_setting_is_a_usage_error(fake_omniglot, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "bad.yaml"
+    config.write_text(
+        "model:\n  class_path: lightning_meta.ProtoNet\n"
+        f"data:\n  class_path: datamodules.Omniglot\n  init_args:\n    root: {fake_omniglot}\n    shots: 0\n"
+    )
+    with pytest.raises(SystemExit):
+        make_cli(["fit", "--config", str(config)])
+    err = capsys.readouterr().err
+    assert 'Parser key "shots"' in err and "0 does not conform to restriction v>0" in err
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"ways": 0}, r"ways=0 must be at least 1; set ways to a whole number of 1 or more"),
+        ({"shots": -1}, r"shots=-1 must be at least 1"),
+        ({"queries": 0}, r"queries=0 must be at least 1"),
+        ({"tasks_per_batch": 0}, r"tasks_per_batch=0 must be at least 1"),
+        ({"train_ways": 0}, r"train_ways=0 must be at least 1; .* or None to use ways"),
+        ({"test_episodes": 0}, r"test_episodes=0 must be at least 1"),
+        ({"num_workers": -1}, r"num_workers=-1 must be at least 0"),
+        ({"image_size": 0}, r"image_size=0 must be at least 1"),
+        ({"split": "lakes"}, r"split='lakes' must be one of \['lake', 'vinyals'\]"),
+    ],
+)
+def test_constructor_names_the_bad_setting(kwargs, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        Omniglot(root=str(tmp_path), **kwargs)
+
+
+# ----------------------------------------------------------------------------- 2. damaged archives
+def corrupt_member(path: Path, member: str) -> None:
+    """Flip the first 16 bytes of ``member``'s compressed data; the zip's directory stays valid."""
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(member)
+    data = bytearray(path.read_bytes())
+    # The local header: 30 bytes, then the name and the extra field, then the data.
+    name_len = int.from_bytes(data[info.header_offset + 26 : info.header_offset + 28], "little")
+    extra_len = int.from_bytes(data[info.header_offset + 28 : info.header_offset + 30], "little")
+    start = info.header_offset + 30 + name_len + extra_len
+    for i in range(start, start + 16):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED], ids=["stored", "deflated"])
+def test_damaged_zip_member_names_the_archive_and_the_member(compression, fake_omniglot):
+    path = fake_omniglot / "images_evaluation.zip"
+    with zipfile.ZipFile(path) as src:
+        entries = {n: src.read(n) for n in src.namelist()}
+    with zipfile.ZipFile(path, "w", compression) as dst:  # the official zips are deflated, the fake ones stored
+        for name, data in entries.items():
+            dst.writestr(name, data)
+    member = sorted(entries)[7]
+    corrupt_member(path, member)
+    with pytest.raises(ValueError) as err:
+        Omniglot(root=str(fake_omniglot)).prepare_data()
+    message = str(err.value)
+    assert f"{path} is damaged: its member '{member}' cannot be read" in message
+    assert ("Bad CRC-32" if compression == zipfile.ZIP_STORED else "Error -3") in message
+    assert f"delete {path} and download it again" in message
+
+
+def test_damaged_tar_gz_member_names_the_archive_and_the_member(tmp_path):
+    # Rebuild the fake archive uncompressed-in-tar, then damage the gzip stream inside the 'train' member.
+    raw = gzip.decompress((DATA / "cifar100" / "cifar-100-python.tar.gz").read_bytes())
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+        offsets = {m.name: m.offset_data for m in tar.getmembers()}
+    assert "cifar-100-python/train" in offsets
+    packed = bytearray(gzip.compress(raw, mtime=0))
+    # A deflate stream cannot be damaged at a chosen member without inflating: flip bytes far into the
+    # compressed stream and accept whichever member they land in, but it must be named.
+    for i in range(len(packed) // 2, len(packed) // 2 + 16):
+        packed[i] ^= 0xFF
+    root = tmp_path / "cifar"
+    root.mkdir()
+    (root / "cifar-100-python.tar.gz").write_bytes(bytes(packed))
+    with pytest.raises(ValueError) as err:
+        CIFARFS(root=str(root)).prepare_data()
+    message = str(err.value)
+    assert f"{root / 'cifar-100-python.tar.gz'} is damaged: its member 'cifar-100-python/" in message
+    assert "download it again" in message
+
+
+# ----------------------------------------------------------------------------- 3. downloads without network
+@pytest.fixture
+def no_network(monkeypatch):
+    """urllib's opener fails as it does offline; records the URLs asked for."""
+    asked = []
+
+    def offline(self, request, *args, **kwargs):
+        asked.append(request if isinstance(request, str) else request.full_url)
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(urllib.request.OpenerDirector, "open", offline)
+    return asked
+
+
+@pytest.mark.parametrize(
+    "bundle, files",
+    [
+        (Omniglot, ["images_background.zip", "images_evaluation.zip"]),
+        (CIFARFS, ["cifar-100-python.tar.gz"]),
+        (CUB, ["CUB_200_2011.tgz"]),
+    ],
+    ids=["Omniglot", "CIFARFS", "CUB"],
+)
+def test_download_without_network_names_the_url_and_where_to_put_the_files(bundle, files, no_network, tmp_path):
+    root = tmp_path / "new"
+    with pytest.raises(DownloadError) as err:
+        bundle(root=str(root), download=True).prepare_data()
+    assert isinstance(err.value, OSError) and isinstance(err.value.__cause__, urllib.error.URLError)
+    message = str(err.value)
+    assert no_network and f"could not download {no_network[0].replace('http:', 'https:')}" in message
+    for name in files:
+        assert str(root / name) in message
+    assert "Temporary failure in name resolution" in message
+    assert not [p for p in root.iterdir() if p.is_file()]  # no half-written file left behind
+
+
+def test_cli_download_without_network_is_a_clear_error(no_network, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--model", "ProtoNet", "--data", "Omniglot", "--data.root", str(tmp_path / "o")]
+    with pytest.raises(DownloadError, match=r"could not download https://raw.githubusercontent.com/brendenlake"):
+        make_cli([*args, "--data.download", "true", "--trainer.fast_dev_run", "1"])
+
+
+def test_files_put_by_hand_are_used_without_network(no_network, tmp_path):
+    root = tmp_path / "o"
+    root.mkdir()
+    for name in ("images_background.zip", "images_evaluation.zip"):
+        shutil.copy(DATA / "omniglot" / name, root / name)
+    assert Omniglot(root=str(root), download=True, rotations=False).load_split("test").num_classes == 4
+    assert no_network == []
