@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from functools import partial
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import vmap
 
 from datamodules.episodes import EpisodeBatch
 
-from ..backbones import to_channels_last, vmap_safe_batch_norm
-from ..base import EpisodicModule
+from ..base import EpisodeOutput
+from ..functional import SGD, Adam, InnerOptimizer, Params, map_tasks, select_params
+from .gradient import GradientModule
 
-Params = dict[str, Tensor]
 
-
-class Reptile(EpisodicModule):
+class Reptile(GradientModule):
     """Reptile: move the initialisation towards the weights each task's own training reaches.
 
     Each task starts from the meta-parameters ``theta`` and takes ``inner_steps`` steps of SGD or
@@ -35,31 +34,39 @@ class Reptile(EpisodicModule):
     the paper reports both.
 
     Tasks run one after another (``task_batching="loop"``) or together under ``torch.func.vmap``
-    (``"vmap"``, for backbones vmap can run; ``Conv4(track_running_stats=False)`` can).
+    (``"vmap"``, for backbones vmap can run; ``Conv4(track_running_stats=False)`` can); ``"auto"``
+    times both.
 
-    With ``adaptation_curve``, validation and test also log the query loss along the fine-tuning,
-    ``val_adapt/loss_step_<k>``, at steps 0, 1, 2, 4, 8, ... and the last (every step up to 10).
+    With ``adaptation_curve``, validation and test also return the query loss along the fine-tuning
+    (logged as ``val_adapt/loss_step_<k>``), at steps 0, 1, 2, 4, 8, ... and the last (every step up to 10).
 
     Args:
-        backbone: the network, ending in one output per way (or the regression output).
-        inner_lr: step size of the inner optimizer.
+        backbone: the network, ending in one output per way (or the regression output) unless
+            ``head`` is given.
+        inner_lr: step size of the inner optimizer named by a string.
         inner_steps: inner steps per task in training.
         inner_steps_eval: inner steps per task at validation and test.
         inner_batch_size: support items per inner step (the support set is cycled in a random order).
         inner_batch_size_eval: the same at validation and test; default ``inner_batch_size``.
-        inner_optimizer: "adam" (beta1 = 0, beta2 = 0.999, as the paper) or "sgd".
+        inner_optimizer: "adam" (``Adam(inner_lr)``: beta1 = 0, beta2 = 0.999, as the paper), "sgd"
+            (``SGD(inner_lr)``), or an inner optimizer of :mod:`lightning_meta.functional` (e.g.
+            ``Adam(lr=0.001, persistent=True)``, whose moments carry over between tasks as in the
+            paper's code).
         outer_lr: epsilon, the meta step size.
         outer_lr_anneal: decay epsilon linearly to 0 over the trainer's estimated steps.
         transductive: evaluate queries together (True) or one at a time (False).
-        task_batching: "loop" or "vmap".
+        task_batching: "loop", "vmap" or "auto".
         channels_last: channels-last memory format for the backbone's weights and the image batches (see
             :attr:`EpisodicModule.channels_last`). Off by default here: channels-last kernels round
             differently with the thread count and the inner loop amplifies it, so DDP and single-process
             test accuracy differed; the speed gain was small (benchmarks/RESULTS.md).
-        adaptation_curve: log the query loss along the fine-tuning during validation and test.
+        adaptation_curve: return the query loss along the fine-tuning during validation and test.
+        head: an explicit head after the backbone's embedding (the network is backbone then head).
+        adapt: the parameters that fine-tune (and move with the meta-update): "all", "head", or name
+            prefixes / regular expressions.
     """
 
-    needs_grad_in_eval = True
+    min_inner_steps = 1
 
     def __init__(
         self,
@@ -69,34 +76,36 @@ class Reptile(EpisodicModule):
         inner_steps_eval: int = 50,
         inner_batch_size: int = 10,
         inner_batch_size_eval: int | None = None,
-        inner_optimizer: Literal["adam", "sgd"] = "adam",
+        inner_optimizer: Literal["adam", "sgd"] | InnerOptimizer = "adam",
         outer_lr: float = 1.0,
         outer_lr_anneal: bool = True,
         transductive: bool = True,
-        task_batching: Literal["loop", "vmap"] = "loop",
+        task_batching: Literal["auto", "loop", "vmap"] = "loop",
         channels_last: bool = False,
         adaptation_curve: bool = True,
+        head: nn.Module | None = None,
+        adapt: str | list[str] = "all",
     ) -> None:
-        if inner_optimizer not in ("adam", "sgd"):
-            raise ValueError(f"inner_optimizer={inner_optimizer!r} must be 'adam' or 'sgd'")
-        if task_batching not in ("loop", "vmap"):
-            raise ValueError(f"task_batching={task_batching!r} must be 'loop' or 'vmap'")
-        for name, value in (("inner_steps", inner_steps), ("inner_steps_eval", inner_steps_eval),
-                            ("inner_batch_size", inner_batch_size)):  # fmt: skip
-            if value < 1:
+        if isinstance(inner_optimizer, str) and inner_optimizer not in ("adam", "sgd"):
+            raise ValueError(
+                f"inner_optimizer={inner_optimizer!r} must be 'adam', 'sgd' or an InnerOptimizer "
+                "(lightning_meta.functional.SGD, MetaSGD, Momentum, Adam)"
+            )
+        for name, value in (("inner_batch_size", inner_batch_size), ("inner_batch_size_eval", inner_batch_size_eval)):
+            if value is not None and value < 1:
                 raise ValueError(f"{name}={value} must be >= 1")
+        rule = (
+            {"adam": Adam, "sgd": SGD}[inner_optimizer](inner_lr)
+            if isinstance(inner_optimizer, str)
+            else inner_optimizer
+        )
         optimizer: OptimizerCallable = lambda params: torch.optim.SGD(params, lr=outer_lr)  # noqa: E731
-        scheduler: LRSchedulerCallable | None = None
-        if outer_lr_anneal:
-            scheduler = self._linear_to_zero
-        super().__init__(backbone, optimizer, scheduler)
-        self.inner_lr, self.inner_steps, self.inner_steps_eval = inner_lr, inner_steps, inner_steps_eval
-        self.inner_batch_size, self.inner_optimizer = inner_batch_size, inner_optimizer
+        scheduler: LRSchedulerCallable | None = self._linear_to_zero if outer_lr_anneal else None
+        super().__init__(backbone, head, rule, adapt, inner_steps, inner_steps_eval, task_batching, channels_last,
+                         adaptation_curve, optimizer, scheduler)  # fmt: skip
+        self.inner_lr, self.inner_batch_size = inner_lr, inner_batch_size
         self.inner_batch_size_eval = inner_batch_size_eval or inner_batch_size
         self.outer_lr, self.transductive = outer_lr, transductive
-        self.task_batching, self.channels_last = task_batching, channels_last
-        self.adaptation_curve = adaptation_curve
-        self._vmapping = False
 
     def _linear_to_zero(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
         total = max(int(self.trainer.estimated_stepping_batches), 1)
@@ -109,13 +118,9 @@ class Reptile(EpisodicModule):
         return config
 
     # ------------------------------------------------------------------ inner loop
-    def forward_with(self, params: Params, x: Tensor) -> Tensor:
-        """Run the backbone with ``params`` in place of its own parameters."""
-        return functional_call(self.backbone, params, (x,))
-
-    def inner_loss(self, predictions: Tensor, targets: Tensor) -> Tensor:
-        """Loss the inner optimizer descends (one task, one mini-batch)."""
-        return self.query_loss(predictions.unsqueeze(0), targets.unsqueeze(0)).squeeze(0)
+    def adapt_params(self) -> Params:
+        """A detached copy of the adapted meta-parameters: Reptile needs no gradient through the inner loop."""
+        return {name: p.detach() for name, p in super().adapt_params().items()}
 
     def minibatches(self, support_size: int, steps: int, generator: torch.Generator) -> Tensor:
         """``[steps, inner_batch_size]`` support indices: passes over the support set in random orders."""
@@ -124,47 +129,8 @@ class Reptile(EpisodicModule):
         order = torch.cat([torch.randperm(support_size, generator=generator) for _ in range(passes)])
         return order[: steps * size].view(steps, size)
 
-    def fine_tune(self, support_x: Tensor, support_y: Tensor, batches: Tensor) -> Params:
-        """Train a copy of the meta-parameters on one task; ``batches`` holds the support indices per step."""
-        params = {name: p.detach() for name, p in self.backbone.named_parameters()}
-        state = {name: (torch.zeros_like(p), torch.zeros_like(p)) for name, p in params.items()}
-        with torch.enable_grad():
-            for step in range(batches.shape[0]):
-                self.on_inner_step(step, batches.shape[0], params)
-                index = batches[step]
-                grads = self._gradients(params, support_x[index], support_y[index])
-                params, state = self._inner_update(params, grads, state, step + 1)
-        self.on_inner_step(batches.shape[0], batches.shape[0], params)
-        return params
-
-    def _gradients(self, params: Params, x: Tensor, y: Tensor) -> Params:
-        def loss(p: Params) -> Tensor:
-            return self.inner_loss(self.forward_with(p, x), y)
-
-        if self._vmapping:
-            return grad(loss)(params)
-        leaves = {name: p.detach().requires_grad_() for name, p in params.items()}
-        found = torch.autograd.grad(loss(leaves), list(leaves.values()), allow_unused=True)
-        return {
-            name: torch.zeros_like(p) if g is None else g for (name, p), g in zip(params.items(), found, strict=True)
-        }
-
-    def _inner_update(
-        self, params: Params, grads: Params, state: dict[str, tuple[Tensor, Tensor]], t: int
-    ) -> tuple[Params, dict[str, tuple[Tensor, Tensor]]]:
-        if self.inner_optimizer == "sgd":
-            return {n: p - self.inner_lr * grads[n] for n, p in params.items()}, state
-        beta2, eps = 0.999, 1e-8  # beta1 = 0 (Nichol et al. 2018, section 6)
-        new_params, new_state = {}, {}
-        for name, p in params.items():
-            g = grads[name]
-            v = beta2 * state[name][1] + (1 - beta2) * g * g
-            new_params[name] = p - self.inner_lr * g / ((v / (1 - beta2**t)).sqrt() + eps)
-            new_state[name] = (g, v)
-        return new_params, new_state
-
-    # ------------------------------------------------------------------ episodes
-    def _predict(self, params: Params, support_x: Tensor, query_x: Tensor) -> Tensor:
+    def predict_queries(self, params: Params, support_x: Tensor, query_x: Tensor) -> Tensor:
+        """One task's query predictions with the fine-tuned ``params`` (transductive or one query at a time)."""
         if self.transductive:
             return self.forward_with(params, query_x)
 
@@ -174,54 +140,33 @@ class Reptile(EpisodicModule):
 
         return vmap(one)(query_x)
 
-    def _task(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, batches: Tensor) -> tuple[Params, Tensor]:
-        params = self.fine_tune(support_x, support_y, batches)
+    def task(
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, batches: Tensor, curve: bool
+    ) -> tuple[Params, Tensor, Tensor | None]:
+        """Fine-tune on one task; return the weights reached, the query predictions and (with ``curve``) the curve."""
+
+        def query_loss(params: Params) -> Tensor:
+            return self.outer_loss(self.predict_queries(params, support_x, query_x), query_y)
+
+        tuned = self.adapt(support_x, support_y, batches=batches, curve_loss=query_loss if curve else None)
         with torch.no_grad():
-            return params, self._predict(params, support_x, query_x)
+            return tuned.params, self.predict_queries(tuned.params, support_x, query_x), tuned.curve
 
-    def _task_and_curve(
-        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, batches: Tensor
-    ) -> tuple[Params, Tensor, Tensor]:
-        """:meth:`_task` and the task's query losses along the fine-tuning (evaluation only)."""
-
-        def loss(predictions: Tensor) -> Tensor:
-            return self.query_loss(predictions.unsqueeze(0), query_y.unsqueeze(0)).squeeze(0)
-
-        with self.inner_step_losses(lambda p: loss(self._predict(p, support_x, query_x))) as curve:
-            params, predictions = self._task(support_x, support_y, query_x, batches)
-        return params, predictions, curve.finish(loss(predictions))
-
-    def episode_loss(self, batch: EpisodeBatch) -> tuple[Tensor, Tensor]:
-        if self.channels_last:
-            batch = batch._replace(support_x=to_channels_last(batch.support_x), query_x=to_channels_last(batch.query_x))
-        steps = self.inner_steps if self.training else self.inner_steps_eval
+    # ------------------------------------------------------------------ episodes
+    def run_tasks(self, batch: EpisodeBatch, mode: str, curve: bool) -> EpisodeOutput:
         g = torch.Generator().manual_seed(int(torch.randint(2**62, (1,)).item()) if self.training else 0)
-        batches = torch.stack([self.minibatches(batch.support_x.shape[1], steps, g) for _ in range(batch.num_tasks)])
-        batches = batches.to(batch.support_x.device)
-        curve = self.recording_adaptation_curve()
-        task: Callable[..., tuple[Any, ...]] = self._task_and_curve if curve else self._task
-        inputs = (batch.support_x, batch.support_y, batch.query_x, *([batch.query_y] if curve else []), batches)
-        if self.task_batching == "vmap":
-            self._vmapping = True
-            try:
-                with vmap_safe_batch_norm():
-                    params, predictions, *curves = vmap(task)(*inputs)
-            finally:
-                self._vmapping = False
-        else:
-            results = [task(*(part[t] for part in inputs)) for t in range(batch.num_tasks)]
-            params = {name: torch.stack([r[0][name] for r in results]) for name in results[0][0]}
-            predictions = torch.stack([r[1] for r in results])
-            curves = [torch.stack([r[2] for r in results])] if curve else []
-        if curves:
-            self.record_adaptation_curve(curves[0])
+        support_size = batch.support_x.shape[1]
+        batches = torch.stack([self.minibatches(support_size, self.steps(), g) for _ in range(batch.num_tasks)])
+        inputs = (*batch, batches.to(batch.support_x.device))
+        params, predictions, curves = map_tasks(partial(self.task, curve=curve), inputs, mode)
         loss = self.query_loss(predictions, batch.query_y)
         if self.training:
             loss = loss.detach() + self._meta_step_stand_in(params)
-        return loss, predictions
+        return EpisodeOutput(loss, predictions, self.curve(curves))
 
     def _meta_step_stand_in(self, adapted: Params) -> Tensor:
-        """Zero-valued, with gradient ``theta - mean_i(phi_i)`` for every meta-parameter."""
-        total = sum((p * (p.detach() - adapted[name].mean(0))).sum() for name, p in self.backbone.named_parameters())
+        """Zero-valued, with gradient ``theta - mean_i(phi_i)`` for every adapted meta-parameter."""
+        meta = select_params(self.network, self.adapt_selection)
+        total = sum((p * (p.detach() - adapted[name].mean(0))).sum() for name, p in meta.items())
         assert isinstance(total, Tensor)
         return total - total.detach()

@@ -19,7 +19,7 @@ def test_adapt_lowers_the_support_loss_and_is_differentiable():
     batch = sine_batch()
     x, y = batch.support_x[0], batch.support_y[0]
     before = model.inner_loss(model.backbone(x), y)
-    params = model.adapt(x, y, steps=5)
+    params = model.adapt(x, y, steps=5).params
     after = model.inner_loss(model.forward_with(params, x), y)
     assert after < before
     assert params["net.0.weight"].grad_fn is not None
@@ -61,7 +61,8 @@ def test_head_must_match_ways(fake_omniglot):
     model = MAML(Conv4(out_features=5, track_running_stats=False))
     dm = Omniglot(root=str(fake_omniglot), ways=2, shots=1, queries=1, rotations=False)
     trainer = pl.Trainer(fast_dev_run=1, inference_mode=False, logger=False)
-    with pytest.raises(ValueError, match="ends in 5 outputs but the 'train' episodes are 2-way"):
+    message = r"MAML's head has 5 outputs but the 'train' episodes are 2-way; set the head's out_features "
+    with pytest.raises(ValueError, match=message + r"\(backbone.out_features\) to 2 or the datamodule's ways to 5"):
         trainer.fit(model, dm)
 
 
@@ -114,19 +115,20 @@ def test_meta_sgd_learns_step_sizes(learn_inner_lr, shape):
 
 
 class ANIL(MAML):
-    """Almost No Inner Loop (Raghu et al. 2020): adapt only the head."""
+    """Almost No Inner Loop (Raghu et al. 2020): adapt only the head, written as a subclass."""
 
-    def adapt(self, support_x, support_y, params=None, steps=None):
-        if params is None:
-            params = {k: v for k, v in self.backbone.named_parameters() if k.startswith("head.")}
-        return super().adapt(support_x, support_y, params, steps)
+    def adapt_params(self):
+        return {k: v for k, v in self.network.named_parameters() if k.startswith("head.")}
 
 
-def test_anil_subclass_adapts_only_the_head_and_still_meta_learns_the_body():
+@pytest.mark.parametrize(
+    "make", [lambda **kw: ANIL(**kw), lambda **kw: MAML(adapt="head", **kw)], ids=["subclass", "arg"]
+)
+def test_anil_adapts_only_the_head_and_still_meta_learns_the_body(make):
     torch.manual_seed(0)
-    model = ANIL(Conv4(pooling="stride", out_features=5, track_running_stats=False), inner_lr=0.5)
+    model = make(backbone=Conv4(pooling="stride", out_features=5, track_running_stats=False), inner_lr=0.5)
     batch = image_batch(tasks=1)
-    adapted = model.adapt(batch.support_x[0], batch.support_y[0], steps=2)
+    adapted = model.adapt(batch.support_x[0], batch.support_y[0], steps=2).params
     assert set(adapted) == {"head.weight", "head.bias"}
     before = model.inner_loss(model.backbone(batch.support_x[0]), batch.support_y[0])
     assert model.inner_loss(model.forward_with(adapted, batch.support_x[0]), batch.support_y[0]) < before
@@ -145,10 +147,10 @@ def test_second_order_maml_under_bf16_autocast_matches_fp32():
 
 
 def test_gradient_stand_in_is_zero_with_the_given_gradient():
-    from lightning_meta.algorithms.maml import _gradient_stand_in
+    from lightning_meta.functional import gradient_stand_in
 
     w = torch.tensor([1.5, -2.0], requires_grad=True)
-    stand_in = _gradient_stand_in([w], [torch.tensor([3.0, 4.0])], divisor=2.0)
+    stand_in = gradient_stand_in([w], [torch.tensor([3.0, 4.0])], divisor=2.0)
     assert stand_in.item() == 0
     (g,) = torch.autograd.grad(stand_in, [w])
     torch.testing.assert_close(g, torch.tensor([1.5, 2.0]))
@@ -165,7 +167,8 @@ def test_maml_on_miniimagenet_shaped_episodes():
         torch.rand(2, 10, 3, 84, 84, generator=g),
         torch.arange(5).repeat_interleave(2).expand(2, -1),
     )
-    loss, logits = model.episode_loss(batch)
+    loss, logits, curve = model.episode_loss(batch)
+    assert curve is None  # measured in evaluation only
     assert loss.shape == (2,) and logits.shape == (2, 10, 5)
     loss.mean().backward()
     assert backbone.features[0].weight.grad.abs().sum() > 0

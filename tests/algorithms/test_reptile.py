@@ -53,7 +53,7 @@ def test_vmap_and_loop_agree(transductive):
         model.double().train()
         model.zero_grad()
         torch.manual_seed(1)  # the same inner mini-batch order both ways
-        loss, predictions = model.episode_loss(batch)
+        loss, predictions, _ = model.episode_loss(batch)
         loss.mean().backward()
         out[mode] = (predictions, torch.cat([p.grad.flatten() for p in backbone.parameters()]))
     torch.testing.assert_close(out["loop"][0], out["vmap"][0])
