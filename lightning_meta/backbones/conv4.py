@@ -27,7 +27,7 @@ class Conv4(nn.Module):
     Args:
         in_channels: image channels (1 for Omniglot, 3 for ImageNet-like data).
         hidden: filters per block (64 in the papers, 32 for MAML on mini-ImageNet).
-        image_size: input side, to compute the embedding size.
+        image_size: input side, to compute the embedding size (at least 16 with max-pooling).
         out_features: if set, a linear head to this many outputs (MAML's classifier); else the
             flattened embedding is returned (ProtoNet, Matching Networks).
         pooling: "max" or "stride", see above.
