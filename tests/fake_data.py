@@ -156,7 +156,8 @@ def write_imagefolder(root: Path, classes: int = 5, per_class: int = 20, size: i
 @fake_data("MiniImageNet")
 def fake_miniimagenet(folder: Path) -> list[str]:
     root = write_miniimagenet(folder / "miniimagenet")
-    return ["--data.root", str(root), "--data.train_ways", "5", "--data.queries", "2"]
+    # train_queries too: a config may train on 15 shots (MetaOptNet's ResNet-12 ProtoNet), with 20 images a class.
+    return ["--data.root", str(root), "--data.train_ways", "5", "--data.queries", "2", "--data.train_queries", "2"]
 
 
 @fake_data("TieredImageNet")
@@ -206,4 +207,5 @@ def fake_learn2learn_miniimagenet(folder: Path) -> list[str]:
     pytest.importorskip("learn2learn")
     root = write_miniimagenet(folder / "l2l_miniimagenet")
     shutil.copy(root / "mini-imagenet-cache-val.pkl", root / "mini-imagenet-cache-validation.pkl")
-    return ["--data.root", str(root), "--data.train_ways", "5", "--data.queries", "2"]
+    # train_queries too: a config may train on 15 shots (MetaOptNet's ResNet-12 ProtoNet), with 20 images a class.
+    return ["--data.root", str(root), "--data.train_ways", "5", "--data.queries", "2", "--data.train_queries", "2"]
