@@ -300,7 +300,7 @@ class Adam(InnerOptimizer):
             m = beta1 * state.exp_avg[name] + (1 - beta1) * g if beta1 else g
             v = beta2 * state.exp_avg_sq[name] + (1 - beta2) * g * g
             m_hat = m / (1 - beta1**count) if beta1 else m
-            new_params[name] = p - self.lr * m_hat / ((v / (1 - beta2**count)).sqrt() + self.eps)
+            new_params[name] = p - self.lr * m_hat / (_sqrt(v / (1 - beta2**count)) + self.eps)
             exp_avg[name], exp_avg_sq[name] = m, v
         return new_params, AdamState(exp_avg, exp_avg_sq, count)
 
@@ -320,6 +320,14 @@ class Adam(InnerOptimizer):
 
     def extra_repr(self) -> str:
         return f"lr={self.lr}, betas={self.betas}, eps={self.eps}, persistent={self.persistent}"
+
+
+def _sqrt(x: Tensor) -> Tensor:
+    """``x.sqrt()``; differentiated, its gradient at 0 is 0 rather than inf (which made second-order Adam NaN)."""
+    if not torch.is_grad_enabled():
+        return x.sqrt()
+    positive = x > 0
+    return torch.where(positive, torch.where(positive, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x))
 
 
 class _TensorStore(nn.Module):
@@ -375,9 +383,10 @@ def inner_loop(
 ) -> InnerLoop:
     """Adapt ``params`` with ``steps`` steps of ``optimizer`` on ``loss_fn``; works inside ``vmap``.
 
-    The adapted parameters stay differentiable with respect to ``params`` when these require grad
-    (MAML: the meta-gradient flows through the updates; with ``create_graph`` through the inner
-    gradients too). Detached ``params`` (Reptile) give detached results and no graph is kept.
+    The adapted parameters stay differentiable with respect to ``params`` and the optimiser's own
+    parameters when these require grad (MAML: the meta-gradient flows through the updates; with
+    ``create_graph`` through the inner gradients too). Detached ``params`` and a parameter-free
+    optimiser (Reptile) give detached results and no graph is kept.
     Gradients are taken even under ``torch.no_grad`` (evaluation adapts).
 
     Args:
@@ -392,7 +401,8 @@ def inner_loop(
         curve_loss: if given, ``curve_loss(params)`` (e.g. the query loss) is measured without
             gradients at :func:`adaptation_curve_steps` ``(steps)`` and returned as ``curve``.
     """
-    track = torch.is_grad_enabled() and any(p.requires_grad for p in params.values())
+    # Whether anything outside wants gradients through the updates (MAML's initialisation, Meta-SGD's step sizes).
+    track = torch.is_grad_enabled() and any(p.requires_grad for p in (*params.values(), *optimizer.parameters()))
     measured = set(adaptation_curve_steps(steps)) if curve_loss is not None else set()
     if state is None:
         state = optimizer.init_state(params)

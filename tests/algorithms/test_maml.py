@@ -4,7 +4,7 @@ import torch
 from episode_factory import make_episodes
 
 from datamodules import EpisodeBatch, Omniglot, Sinusoid
-from lightning_meta import MAML, MLP, Conv4
+from lightning_meta import MAML, MLP, Conv4, Reptile
 
 
 def sine_batch(tasks=4, seed=0):
@@ -185,3 +185,72 @@ def test_auto_task_batching_picks_one_path_per_phase_with_the_loop_results():
     auto.eval()
     auto.episode_loss(batch)
     assert set(auto._chosen_batching) == {True, False}  # evaluation is timed on its own
+
+
+# ---------------------------------------------------------------------- heads (MAML and Reptile share the checks)
+ALGORITHMS = {
+    "MAML": lambda backbone, **kw: MAML(backbone, task_batching="loop", **kw),
+    "Reptile": lambda backbone, **kw: Reptile(backbone, inner_steps=1, inner_steps_eval=1, inner_batch_size=2, **kw),
+}
+
+
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+@pytest.mark.parametrize(
+    "outputs, ways, train_ways, stage, split, episodes, knob",
+    [(5, 3, None, "fit", "train", 3, "ways"), (3, 3, 2, "fit", "train", 2, "train_ways"),
+     (3, 2, 3, "fit", "val", 2, "ways"), (5, 3, None, "test", "test", 3, "ways")],
+)  # fmt: skip
+def test_setup_checks_the_head_against_every_split(
+    algorithm, outputs, ways, train_ways, stage, split, episodes, knob, fake_omniglot
+):
+    model = ALGORITHMS[algorithm](Conv4(out_features=outputs, track_running_stats=False))
+    dm = Omniglot(root=str(fake_omniglot), ways=ways, train_ways=train_ways, shots=1, queries=1, rotations=False)
+    trainer = pl.Trainer(fast_dev_run=1, inference_mode=False, logger=False, enable_progress_bar=False)
+    message = f"{algorithm}'s head has {outputs} outputs but the '{split}' episodes are {episodes}-way; set the "
+    message += rf"head's out_features \(backbone.out_features\) to {episodes} or the datamodule's {knob} to {outputs}"
+    with pytest.raises(ValueError, match=message):
+        trainer.fit(model, dm) if stage == "fit" else trainer.test(model, dm)
+
+
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+def test_predicting_other_ways_than_the_head_is_a_clear_error(algorithm):
+    from torch.utils.data import DataLoader
+
+    model = ALGORITHMS[algorithm](Conv4(out_features=5, track_running_stats=False))
+    trainer = pl.Trainer(inference_mode=False, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    five = image_batch(tasks=1, ways=5)
+    probabilities = trainer.predict(model, DataLoader([five], batch_size=None))[0]
+    assert probabilities.shape == (1, 10, 5)
+    torch.testing.assert_close(probabilities.sum(-1), torch.ones(1, 10))
+    twenty = image_batch(tasks=1, ways=20)
+    message = rf"{algorithm}'s head has 5 outputs but these episodes are 20-way; set the head's out_features"
+    with pytest.raises(ValueError, match=message):
+        trainer.predict(model, DataLoader([twenty], batch_size=None))
+    with pytest.raises(ValueError, match=message):  # a direct call while training: checked once per batch shape
+        model.train().episode_loss(twenty)
+
+
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+def test_an_explicit_head_after_the_embedding(algorithm, fake_omniglot):
+    torch.manual_seed(0)
+    backbone = Conv4(hidden=8, track_running_stats=False)  # no out_features: it ends in the embedding
+    model = ALGORITHMS[algorithm](backbone, head=torch.nn.Linear(backbone.embedding_dim, 5), adapt="head")
+    assert set(model.adapt_params()) == {"head.weight", "head.bias"}
+    assert model.head_outputs == 5
+    batch = image_batch(tasks=2, ways=5)
+    out = model.train().episode_loss(batch)
+    assert out.predictions.shape == (2, 10, 5)
+    out.loss.mean().backward()
+    assert backbone.features[0].weight.grad is not None or algorithm == "Reptile"  # Reptile moves the adapted ones
+    assert model.head.weight.grad.abs().sum() > 0
+    assert {k.split(".")[0] for k in model.state_dict()} >= {"backbone", "head"}  # no duplicated network.* keys
+    assert not any(k.startswith("_network") for k in model.state_dict())
+    dm = Omniglot(root=str(fake_omniglot), ways=3, shots=1, queries=1, rotations=False)
+    with pytest.raises(ValueError, match=r"head has 5 outputs .* set the head's out_features \(head.out_features\)"):
+        pl.Trainer(fast_dev_run=1, inference_mode=False, logger=False).fit(model, dm)
+
+
+def test_a_backbone_without_a_known_head_is_not_checked():
+    model = MAML(MLP(out_features=3))
+    assert model.head_outputs is None
+    model.check_episode_ways(image_batch(tasks=1, ways=5))  # nothing to compare with
