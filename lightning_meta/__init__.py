@@ -1,20 +1,60 @@
-"""lightning-meta: few-shot meta-learning algorithms as PyTorch Lightning modules."""
+"""lightning-meta: few-shot meta-learning algorithms as PyTorch Lightning modules.
 
+Everything a user names in YAML by short name is exported here: the algorithms, the backbones,
+the inner optimisers of gradient-based methods, and the inference helpers.
+"""
+
+from . import functional
 from .algorithms import MAML, MatchingNet, ProtoNet, Reptile
-from .backbones import MLP, Conv4
-from .base import EpisodicModule
+from .algorithms.gradient import GradientModule
+from .backbones import (
+    MLP,
+    WRN28_10,
+    Conv4,
+    ResNet12,
+    TaskBatchNorm2d,
+    TimmBackbone,
+    TorchvisionBackbone,
+    WideResNet,
+    task_batch_norm,
+)
+from .base import AdaptationCurve, EpisodeOutput, EpisodicModule
+from .functional import SGD, Adam, InnerOptimizer, MetaSGD, Momentum, forward_with, inner_loop, map_tasks, select_params
 from .inference import load_checkpoint, predict_episode, predict_folders
+
+#: Base classes: subclass them, do not train them directly.
+BASE_CLASSES = ("EpisodicModule", "GradientModule")
 
 __all__ = [
     "MAML",
     "MLP",
+    "SGD",
+    "WRN28_10",
+    "AdaptationCurve",
+    "Adam",
     "Conv4",
+    "EpisodeOutput",
     "EpisodicModule",
+    "GradientModule",
+    "InnerOptimizer",
     "MatchingNet",
+    "MetaSGD",
+    "Momentum",
     "ProtoNet",
     "Reptile",
+    "ResNet12",
+    "TaskBatchNorm2d",
+    "TimmBackbone",
+    "TorchvisionBackbone",
+    "WideResNet",
+    "forward_with",
+    "functional",
+    "inner_loop",
     "load_checkpoint",
+    "map_tasks",
     "predict_episode",
     "predict_folders",
+    "select_params",
+    "task_batch_norm",
 ]
 __version__ = "0.1.0"

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any, NamedTuple, cast
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities.parsing import collect_init_args
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
 
@@ -111,8 +113,14 @@ class EpisodicModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         under_cli = _given_hyperparameters is not None and _given_hyperparameters.get() is not None
-        # Outside the CLI these arguments are live objects; the CLI hands plain config dicts instead.
-        self.save_hyperparameters(ignore=[] if under_cli else ["backbone", "optimizer", "lr_scheduler"])
+        # Outside the CLI the arguments are live objects (modules, factories), which the checkpoint's
+        # state dict or nothing can hold; the CLI hands plain config dicts instead, which are kept.
+        ignore: list[str] = []
+        frame = inspect.currentframe()
+        if not under_cli and frame is not None:
+            ignore = ["optimizer", "lr_scheduler"]
+            ignore += [k for args in collect_init_args(frame, []) for k, v in args.items() if isinstance(v, nn.Module)]
+        self.save_hyperparameters(ignore=ignore, frame=frame)
         self.backbone = backbone
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -153,7 +161,7 @@ class EpisodicModule(pl.LightningModule):
         Algorithms may return an :class:`EpisodeOutput` with more (an adaptation curve).
         """
         predictions = self.episode_logits(batch)
-        return EpisodeOutput(self.query_loss(predictions, batch.query_y), predictions)
+        return self.query_loss(predictions, batch.query_y), predictions
 
     @staticmethod
     def query_loss(predictions: Tensor, target: Tensor) -> Tensor:

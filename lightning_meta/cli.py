@@ -8,12 +8,12 @@ import re
 import sys
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import datamodules  # noqa: F401  (registers the bundles for short names in YAML)
 from datamodules import EpisodicDataModule
@@ -117,6 +117,72 @@ def check_checkpoint_class(ckpt_path: str, configured: str) -> None:
         f"use the config of the algorithm that wrote it (e.g. configs/{written_by.__name__.lower()}/...), or pass "
         "the checkpoint of a matching model"
     )
+
+
+_RESTRICTIONS = {
+    "v>0": "must be a whole number of 1 or more",
+    "v>=0": "must be a whole number of 0 or more",
+}
+
+
+def summarize_parse_error(message: str) -> str | None:
+    """One line naming the key, the value and what is allowed, from a nested jsonargparse error.
+
+    jsonargparse reports a bad ``--data.ways 0`` as a union of subclass errors whose first line,
+    ``Parser key "data": Does not validate against any of the Union subtypes``, names nothing
+    useful; the nested lines hold the key (``ways``), the value and the rule. Returns None when the
+    message has no such structure (it is then shown as jsonargparse wrote it).
+    """
+    keys: list[tuple[int, str]] = []
+    reason: str | None = None
+    for line in message.splitlines():
+        indent = len(line) - len(line.lstrip(" -"))
+        text = line.strip(" -")
+        found = re.match(r'Parser key "([^"]+)":\s*(.*)$', text)
+        if found:
+            keys = [(i, k) for i, k in keys if i < indent] + [(indent, found.group(1))]
+            text = found.group(2)
+            if not text:
+                continue
+        if reason is None or reason.startswith("Does not validate"):
+            if text and not text.startswith(("Subtypes:", "Errors:", "Problem with given class_path", "Given value")):
+                if not text.startswith("Expected a <class 'NoneType'>"):
+                    reason = text
+        unaccepted = re.match(r"Option '([^']+)' is not accepted", text)
+        if unaccepted:
+            keys = [*keys, (indent, unaccepted.group(1))]
+            reason = "is not an option of this class; check the spelling (`--help` lists the options)"
+            break
+    if len(keys) < 2 or reason is None:
+        return None
+    key = ".".join(k for _, k in keys)
+    values = re.findall(r"Given value: NestedArg\(key='[^']*', val='([^']*)'\)", message)
+    value = values[-1] if values else None
+    rule = next((text for pattern, text in _RESTRICTIONS.items() if f"restriction {pattern}" in reason), None)
+    if rule is not None:
+        reason = rule
+    shown = f"--{key}" if value is None else f"--{key}={value}"
+    return f"{shown}: {reason}"
+
+
+class MetaArgumentParser(LightningArgumentParser):
+    """LightningArgumentParser whose errors start with one line that names the key and the fix.
+
+    Instead of the full usage (hundreds of lines for a LightningCLI), an error prints the summary
+    from :func:`summarize_parse_error`, jsonargparse's own message below it, and where to get help.
+    """
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:
+            super().error(message, ex)
+        summary = summarize_parse_error(message)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        if summary is not None:
+            sys.stderr.write(f"lightning-meta: error: {summary}\n")
+        sys.stderr.write(f"error: {message}\n")
+        sys.stderr.write(f"tip: for the accepted options run: {prog} --help\n")
+        self.exit(2)
 
 
 class MetaCLI(LightningCLI):
@@ -263,6 +329,7 @@ def make_cli(args: list[str] | None = None, run: bool = True) -> MetaCLI:
         trainer_defaults=trainer_defaults,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"description": HELP, "predict": {"description": PREDICT_HELP}},
+        parser_class=MetaArgumentParser,
         args=args,
         run=run,
     )

@@ -29,6 +29,11 @@ def data_args(config: Path, omniglot_cache, small: bool = False, tmp_path: Path 
     model = yaml.safe_load(config.read_text())["model"]
     if small and model["class_path"].endswith("MAML") and model["init_args"].get("task_batching", "auto") == "auto":
         args += ["--model.init_args.task_batching", "loop"]  # auto times vmap too: minutes at 84x84 on CPU
+    backbone = model["init_args"].get("backbone", {}).get("class_path", "")
+    if small and model["class_path"].endswith(("MAML", "Reptile")) and "ResNet12" in backbone:
+        # Second-order steps through a 12M-parameter ResNet take minutes on CPU; this test checks wiring.
+        args += ["--model.init_args.inner_steps", "1", "--model.init_args.inner_steps_eval", "1"]
+        args += ["--model.init_args.first_order", "true", "--data.tasks_per_batch", "1"]
     return args
 
 

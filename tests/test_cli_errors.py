@@ -133,3 +133,18 @@ def test_divergence_guard_rule_and_arguments():
     with pytest.raises(DivergenceError, match="val/loss is 21 .* over 10 x its reference 2"):
         guard._check(trainer, model, "val/loss", "val/loss", 21.0)
     assert torch.isfinite(torch.tensor(guard.reference["val/loss"]))
+
+
+@pytest.mark.parametrize(
+    "args, first_line",
+    [
+        (["--model.inner_lr", "abc"], "lightning-meta: error: --model.inner_lr=abc: Expected a <class 'float'>"),
+        (["--data.wayz", "5"], "lightning-meta: error: --data.wayz=5: is not an option of this class"),
+    ],
+)
+def test_parse_errors_start_with_the_key_and_value(args, first_line, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(REPO / "configs" / "maml" / "omniglot_5w1s.yaml"), *args])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[0].startswith(first_line)
