@@ -35,10 +35,15 @@ def at_least_float32(x: Tensor) -> Tensor:
 def embed_episode(backbone: nn.Module, batch: EpisodeBatch, channels_last: bool) -> tuple[Tensor, Tensor]:
     """Embed support and query in one backbone pass: ``[B, N*K, D]`` and ``[B, N*Q, D]``, at least float32.
 
-    One pass means batch-norm statistics see both sets, as in Snell et al.'s and Vinyals et al.'s code.
+    The backbone sees ``[B*N*(K+Q), C, H, W]`` (the backbone contract: the task dimension is
+    flattened here and restored after). One pass means batch-norm statistics see both sets, as in
+    Snell et al.'s and Vinyals et al.'s code.
     """
     x = torch.cat([batch.support_x, batch.query_x], dim=1)
-    z = at_least_float32(backbone(to_channels_last(x) if channels_last else x))
+    tasks, items = x.shape[:2]
+    flat = x.flatten(0, 1)
+    z = at_least_float32(backbone(to_channels_last(flat) if channels_last else flat))
+    z = z.reshape(tasks, items, *z.shape[1:])
     shots_total = batch.support_x.shape[1]
     return z[:, :shots_total], z[:, shots_total:]
 
