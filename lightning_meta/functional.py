@@ -166,6 +166,14 @@ class InnerOptimizer(nn.Module):
         """Remember a finished training task's state for the next :meth:`init_state` (persistent optimisers)."""
 
 
+def _check_lr(owner: str, lr: float) -> None:
+    if not lr > 0:  # also catches NaN
+        raise ValueError(
+            f"{owner}: lr={lr} must be a positive step size; set MAML's or Reptile's inner_lr (or the "
+            "inner_optimizer's lr) to a value above 0, or inner_steps to 0 for no adaptation"
+        )
+
+
 def _key(name: str) -> str:
     return name.replace(".", "/")  # module and buffer names may not contain dots
 
@@ -179,6 +187,7 @@ class SGD(InnerOptimizer):
 
     def __init__(self, lr: float = 0.4) -> None:
         super().__init__()
+        _check_lr("SGD", lr)
         self.lr = lr
 
     def step(self, params: Params, grads: Params, state: Any, t: int) -> tuple[Params, Any]:
@@ -204,6 +213,7 @@ class MetaSGD(InnerOptimizer):
         super().__init__()
         if per not in ("tensor", "element"):
             raise ValueError(f"per={per!r} must be 'tensor' or 'element'")
+        _check_lr("MetaSGD", lr)
         self.lr, self.per = lr, per
         self.lrs = nn.ParameterDict()
 
@@ -233,6 +243,7 @@ class Momentum(InnerOptimizer):
 
     def __init__(self, lr: float = 0.1, momentum: float = 0.9) -> None:
         super().__init__()
+        _check_lr("Momentum", lr)
         self.lr, self.momentum = lr, momentum
 
     def init_state(self, params: Params) -> Params:
@@ -274,6 +285,7 @@ class Adam(InnerOptimizer):
         self, lr: float = 0.001, betas: tuple[float, float] = (0.0, 0.999), eps: float = 1e-8, persistent: bool = False
     ) -> None:
         super().__init__()
+        _check_lr("Adam", lr)
         self.lr, self.betas, self.eps, self.persistent = lr, (float(betas[0]), float(betas[1])), eps, persistent
         self.exp_avg, self.exp_avg_sq = _TensorStore(), _TensorStore()
         self.count = 0

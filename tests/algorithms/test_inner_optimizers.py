@@ -136,3 +136,14 @@ def test_reptile_sgd_string_and_class_give_the_same_meta_step():
         model.episode_loss(batch).loss.mean().backward()
         steps.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(steps[0], steps[1])
+
+
+@pytest.mark.parametrize("make", [lambda: SGD(0), lambda: MetaSGD(-0.1), lambda: Momentum(0.0), lambda: Adam(-1e-3)])
+def test_a_non_positive_inner_lr_is_a_clear_error(make):
+    with pytest.raises(ValueError, match=r"must be a positive step size; set MAML's or Reptile's inner_lr"):
+        make()
+
+
+def test_maml_inner_lr_zero_names_the_parameter():
+    with pytest.raises(ValueError, match="inner_lr"):
+        MAML(MLP(), inner_lr=0.0)
