@@ -135,11 +135,15 @@ class GRUPolicy(nn.Module):
         self.value = nn.Linear(hidden_size, 1)
         self.log_std = nn.Parameter(torch.full((action_dim,), math.log(init_std)))
 
-    def inputs(self, obs: Tensor, prev_action: Tensor, reward: Tensor, done: Tensor) -> Tensor:
-        """One step's GRU input ``[..., obs_dim + action_dim + 2]``; ``prev_action`` indices when discrete."""
+    def encode_action(self, action: Tensor) -> Tensor:
+        """An action as GRU input: one-hot indices when discrete, else the action vector."""
         if self.discrete:
-            prev_action = nn.functional.one_hot(prev_action.long(), self.action_dim).float()
-        return torch.cat([obs, prev_action.float(), reward[..., None].float(), done[..., None].float()], -1)
+            return nn.functional.one_hot(action.long(), self.action_dim).float()
+        return action.float()
+
+    def inputs(self, obs: Tensor, prev_action: Tensor, reward: Tensor, done: Tensor) -> Tensor:
+        """One step's GRU input ``[..., obs_dim + action_dim + 2]``; ``prev_action`` from :meth:`encode_action`."""
+        return torch.cat([obs.float(), prev_action, reward[..., None].float(), done[..., None].float()], -1)
 
     def forward(self, inputs: Tensor, hidden: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """``inputs [N, T, I]`` -> (distribution parameters ``[N, T, D]``, values ``[N, T]``, last hidden state)."""
