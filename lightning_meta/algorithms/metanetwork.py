@@ -253,6 +253,11 @@ class MetaNetwork(EpisodicModule):
             ).view(tasks, steps, -1)
             step_loss = (per_example * onehot.transpose(1, 2)).sum(-1) / onehot.sum(1)  # [B, T]
         else:
+            if int(onehot.sum(1).min()) < 2:
+                raise ValueError(
+                    "embedding_loss='contrastive' needs two or more shots (same-class support pairs); use "
+                    "embedding_loss='cross_entropy' for one shot, as the paper does"
+                )
             r = at_least_float32(r)
             distance = (r.unsqueeze(3) - r.unsqueeze(2)).square().sum(-1).clamp_min(1e-12).sqrt()  # [B, T, S, S]
             same = (labels.unsqueeze(2) == labels.unsqueeze(1)).to(r.dtype).unsqueeze(1)  # l_ij of eq. 7

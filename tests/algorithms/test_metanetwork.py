@@ -1,10 +1,11 @@
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
 from episode_factory import make_episodes
 from torch import nn
 
-from datamodules import EpisodeBatch
+from datamodules import EpisodeBatch, Omniglot
 from lightning_meta import Conv4, MetaNetwork
 from lightning_meta.algorithms.metanetwork import layer_augmented, log_and_sign, read_memory
 
@@ -164,6 +165,16 @@ def test_episodes_of_other_ways_name_the_fix():
     model = tiny_model()
     with pytest.raises(ValueError, match="ways=3 but these episodes are 4-way"):
         model.episode_logits(make_episodes(1, 4, 1, 2, (6,)))
+    with pytest.raises(ValueError, match="embedding_loss='contrastive' needs two or more shots"):
+        tiny_model(embedding_loss="contrastive").episode_logits(tiny_batch(shots=1))
     regression = tiny_batch()._replace(support_y=torch.zeros(2, 3, 1), query_y=torch.zeros(2, 6, 1))
     with pytest.raises(ValueError, match="support_y"):
         model.episode_logits(regression)
+
+
+def test_setup_checks_ways_against_the_datamodule(fake_omniglot):
+    model = MetaNetwork(ways=3, backbone=Conv4(hidden=8))
+    dm = Omniglot(root=str(fake_omniglot), ways=2, shots=1, queries=2, rotations=False, val_episodes=2)
+    trainer = pl.Trainer(fast_dev_run=1, logger=False, enable_progress_bar=False, inference_mode=False)
+    with pytest.raises(ValueError, match="ways=3 but the 'train' episodes are 2-way"):
+        trainer.fit(model, dm)
