@@ -104,3 +104,20 @@ def test_trpo_step_improves_the_surrogate_within_the_kl_bound():
         assert float(kl) <= max_kl
         assert float(kl) > 0.1 * max_kl  # the step uses the trust region, not a tiny move
         assert float(loss) < float(stats["loss_before"])
+
+
+def test_trajectory_picture_draws_goals_and_both_rollouts():
+    from lightning_meta.rl import trajectory_picture
+
+    goals = torch.tensor([[0.4, -0.4], [-0.2, 0.3]])
+    pre = torch.full((2, 3, 10, 2), -0.3)  # apart from the post-adaptation paths, which start at the origin
+    post = goals[:, None, None, :] * torch.linspace(0, 1, 10)[None, None, :, None]
+    picture = trajectory_picture(goals, pre, post.expand(2, 3, 10, 2), size=32)
+    assert picture.shape == (3, 32, 2 * 32 + 2)
+    red = (picture[0] == 1) & (picture[1] == 0) & (picture[2] == 0)
+    green = (picture[1] == 0.7) & (picture[0] == 0.1)
+    blue = (picture[2] == 1) & (picture[0] == 0.2)
+    assert red[:, :32].any() and red[:, 34:].any() and green.any() and blue.any()
+    # The first goal (0.4, -0.4) is drawn to the lower right of its panel.
+    rows, cols = red[:, :32].nonzero(as_tuple=True)
+    assert rows.float().mean() > 16 and cols.float().mean() > 16
