@@ -303,14 +303,7 @@ class MAMLPlusPlus(MAML):
             points.append(loss.detach())
         if weights is not None:
             loss = weights[-1] * loss if total is None else total + weights[-1] * loss
-        if self.per_step_bn and self.training and track and not self.second_order:
-            # First order, a step's norms shape only that step's (constant) gradient, so they get no
-            # gradient; a zero one keeps every parameter in the graph, which DDP requires.
-            loss = loss + sum(0.0 * p.sum() for p in self._norm_parameters())
         return loss, prediction, torch.stack(points) if curve else None
-
-    def _norm_parameters(self) -> list[Tensor]:
-        return [p for m in self.network.modules() if isinstance(m, PerStepBatchNorm2d) for p in m.parameters()]
 
 
 def _without_norms(network: nn.Module, adapt: str | list[str]) -> list[str]:

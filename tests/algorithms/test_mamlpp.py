@@ -181,8 +181,8 @@ def test_per_step_norms_learn_in_the_outer_loop_only_and_keep_statistics_per_ste
     assert all(torch.equal(m.running_mean, b) for m, b in zip(norms, before, strict=True))
 
 
-def test_per_step_bn_first_order_gives_every_norm_parameter_a_gradient():
-    """First order, the earlier steps' norms get no gradient; a zero keeps them in the graph for DDP."""
+def test_first_order_per_step_norms_learn_from_the_last_step_only():
+    """First order, a step's norms shape only that step's (constant) inner gradient; the last step's meet the query."""
     model = MAMLPlusPlus(conv4(), inner_steps=3, first_order=True, **{**OFF, "per_step_bn": True})
     _, grads = loss_and_grads(model, episodes())
     norm = next(m for m in model.modules() if isinstance(m, PerStepBatchNorm2d))
