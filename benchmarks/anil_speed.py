@@ -26,36 +26,16 @@ from torch import nn
 
 from lightning_meta import ANIL, MAML, Conv4
 
+# fmt: off
 SETTINGS = {
-    # Finn et al. 2017's Omniglot setting: Conv4-64 with stride-2 convolutions, 1 inner step, 32 tasks.
-    "omniglot_5w1s": dict(
-        ways=5,
-        shots=1,
-        queries=15,
-        tasks=32,
-        steps=1,
-        eval_steps=3,
-        lr=0.4,
-        size=28,
-        channels=1,
-        hidden=64,
-        pooling="stride",
-    ),  # fmt: skip
-    # mini-ImageNet-shaped episodes (84x84 RGB): Conv4-32 with max-pooling, 5 inner steps, 4 tasks.
-    "miniimagenet_5w1s": dict(
-        ways=5,
-        shots=1,
-        queries=15,
-        tasks=4,
-        steps=5,
-        eval_steps=10,
-        lr=0.01,
-        size=84,
-        channels=3,
-        hidden=32,
-        pooling="max",
-    ),  # fmt: skip
+    # Finn et al. 2017's Omniglot setting: Conv4-64 with stride-2 convolutions, 1 inner step (3 at test), 32 tasks.
+    "omniglot_5w1s": dict(ways=5, shots=1, queries=15, tasks=32, steps=1, eval_steps=3, lr=0.4, size=28, channels=1,
+                          hidden=64, pooling="stride"),
+    # mini-ImageNet-shaped episodes (84x84 RGB): Conv4-32 with max-pooling, 5 inner steps (10 at test), 4 tasks.
+    "miniimagenet_5w1s": dict(ways=5, shots=1, queries=15, tasks=4, steps=5, eval_steps=10, lr=0.01, size=84,
+                              channels=3, hidden=32, pooling="max"),
 }
+# fmt: on
 METHODS = ["ANIL", "MAML adapt=head", "MAML", "learn2learn ANIL"]
 
 
