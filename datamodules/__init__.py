@@ -1,6 +1,6 @@
 """Episodic LightningDataModules and dataset bundles for few-shot learning."""
 
-from .base import EmptySplitError, EpisodeLoader, EpisodicDataModule
+from .base import EmptySplitError, EpisodeLoader, EpisodicDataModule, LabelledBatch
 from .cifar import CIFARFS, FC100
 from .cub import CUB
 from .download import DownloadError
@@ -25,6 +25,7 @@ __all__ = [
     "EpisodicImageFolder",
     "EpisodicDataModule",
     "FC100",
+    "LabelledBatch",
     "Learn2LearnTasks",
     "MiniImageNet",
     "Omniglot",

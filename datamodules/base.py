@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 import lightning.pytorch as pl
 import torch
@@ -13,7 +13,8 @@ import torch
 # naming the key; a ValueError from __init__ would reach the user only under jsonargparse's
 # "Does not validate against any of the Union subtypes", with a traceback.
 from jsonargparse.typing import NonNegativeInt, PositiveInt
-from torch.utils.data import DataLoader, get_worker_info
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 
 from .episodes import (
     SPLITS,
@@ -23,6 +24,7 @@ from .episodes import (
     EpisodePlan,
     EpisodeStream,
     TaskSource,
+    episode_seed,
     planned,
 )
 
@@ -30,6 +32,8 @@ from .episodes import (
 warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined.*")
 
 _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+#: What the training DataLoader serves (``EpisodicDataModule(train_batches=...)``).
+TRAIN_BATCHES = ("episodes", "labelled")
 
 
 class EmptySplitError(ValueError):
@@ -45,7 +49,54 @@ def stage_uses(split: str) -> str:
     return ", ".join(stage for stage, splits in _STAGE_SPLITS.items() if split in splits)
 
 
-class EpisodeLoader(DataLoader):
+class _ResumablePosition:
+    """Where a training DataLoader is in its epochs, saved in checkpoints and restored on resume.
+
+    ``epoch`` returns the trainer's current epoch (read when an iteration starts); ``consumed`` how
+    many batches of it the training loop has finished (None outside a fit: then the batches this
+    loader handed out count). Subclasses call :meth:`_next_position` when an iteration starts and
+    count the batches they hand out in ``_handed_out``.
+    """
+
+    def _track_position(self, epoch: Callable[[], int] | None, consumed: Callable[[], int | None] | None) -> None:
+        self._epoch = epoch
+        self._consumed = consumed
+        self._handed_out = 0
+        self._resume_at: tuple[int, int] | None = None
+
+    def _loaded_epoch(self) -> int:
+        """The epoch of the current (or last) iteration."""
+        raise NotImplementedError
+
+    def _next_position(self, length: int) -> tuple[int, int]:
+        """``(epoch, first batch)`` of the iteration that starts now; ``length`` is the batches of an epoch."""
+        if self._resume_at is not None:
+            epoch, start = self._resume_at
+            self._resume_at = None
+            if start >= length:
+                # Saved after the epoch's last batch: the next iteration is the next epoch's.
+                epoch, start = epoch + 1, 0
+        else:
+            epoch = self._epoch() if self._epoch is not None else self._loaded_epoch()
+            start = 0
+        self._handed_out = start
+        return epoch, start
+
+    def state_dict(self) -> dict[str, int]:
+        """The position in the training batches: ``{"epoch": e, "batches_consumed": n}``.
+
+        Under DDP every rank runs the same number of training batches in lockstep, so the
+        position that rank 0 saves holds for every rank; each rank still draws its own batches.
+        """
+        consumed = self._consumed() if self._consumed is not None else None
+        return {"epoch": self._loaded_epoch(), "batches_consumed": self._handed_out if consumed is None else consumed}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Start the next iteration after the first ``batches_consumed`` batches of epoch ``epoch``."""
+        self._resume_at = (int(state_dict["epoch"]), int(state_dict["batches_consumed"]))
+
+
+class EpisodeLoader(_ResumablePosition, DataLoader):
     """A DataLoader over an :class:`EpisodeStream` that tells the stream the epoch and resumes mid-epoch.
 
     The epoch is read when iteration starts, so each epoch draws new training episodes while a
@@ -92,24 +143,15 @@ class EpisodeLoader(DataLoader):
             persistent_workers=False,
             worker_init_fn=_send_plans if num_workers > 0 and planned(stream.source) is not None else None,
         )
-        self._epoch = epoch
-        self._consumed = consumed
-        self._handed_out = 0
-        self._resume_at: tuple[int, int] | None = None
+        self._track_position(epoch, consumed)
+
+    def _loaded_epoch(self) -> int:
+        stream: EpisodeStream = self.dataset  # type: ignore[assignment]
+        return stream.epoch
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         stream: EpisodeStream = self.dataset  # type: ignore[assignment]
-        if self._resume_at is not None:
-            epoch, start = self._resume_at
-            self._resume_at = None
-            if start >= len(stream):
-                # Saved after the epoch's last batch: the next iteration is the next epoch's.
-                epoch, start = epoch + 1, 0
-        else:
-            epoch = self._epoch() if self._epoch is not None else stream.epoch
-            start = 0
-        stream.epoch, stream.start = epoch, start
-        self._handed_out = start
+        stream.epoch, stream.start = self._next_position(len(stream))
         return self._count(iter(stream) if self.num_workers == 0 else super().__iter__())
 
     def _count(self, items: Iterator[Any]) -> Iterator[Any]:
@@ -131,20 +173,6 @@ class EpisodeLoader(DataLoader):
                 self._handed_out += 1
                 yield batch
 
-    def state_dict(self) -> dict[str, int]:
-        """The position in the training stream: ``{"epoch": e, "batches_consumed": n}``.
-
-        Under DDP every rank runs the same number of training batches in lockstep, so the
-        position that rank 0 saves holds for every rank; each rank still draws its own episodes.
-        """
-        consumed = self._consumed() if self._consumed is not None else None
-        stream: EpisodeStream = self.dataset  # type: ignore[assignment]
-        return {"epoch": stream.epoch, "batches_consumed": self._handed_out if consumed is None else consumed}
-
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        """Start the next iteration after the first ``batches_consumed`` batches of epoch ``epoch``."""
-        self._resume_at = (int(state_dict["epoch"]), int(state_dict["batches_consumed"]))
-
 
 def _send_plans(worker_id: int) -> None:
     """DataLoader worker init of an :class:`EpisodeLoader`: its copy of the stream yields plans."""
@@ -153,12 +181,121 @@ def _send_plans(worker_id: int) -> None:
         info.dataset.plans = True
 
 
+class LabelledBatch(NamedTuple):
+    """Labelled training images for supervised pre-training (``train_batches="labelled"``).
+
+    Attributes:
+        images: ``[N, C, H, W]`` (uint8 from the loader, float after the transfer to the device).
+        labels: ``[N]`` int64 classes in ``0..num_train_classes-1``, numbered over the whole training split.
+    """
+
+    images: Tensor
+    labels: Tensor
+
+
+class LabelledImages(Dataset):
+    """Every image of a :class:`ClassImages` cache labelled with its class; a batch is gathered with one index op."""
+
+    def __init__(self, data: ClassImages) -> None:
+        self.images = data.images
+        self.labels = torch.arange(data.num_classes).repeat_interleave(data.counts)
+        self.num_classes = data.num_classes
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> LabelledBatch:
+        return LabelledBatch(self.images[i], self.labels[i])
+
+    def __getitems__(self, indices: list[int]) -> LabelledBatch:
+        # The DataLoader fetches a whole batch through __getitems__; index_select copies one row per image.
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return LabelledBatch(self.images.index_select(0, index), self.labels.index_select(0, index))
+
+
+def _already_collated(batch: Any) -> Any:
+    return batch  # LabelledImages.__getitems__ gathered the batch
+
+
+class LabelledSampler(DistributedSampler):
+    """This process's share of a new permutation of the training images every epoch.
+
+    The permutation is a fixed function of the datamodule's ``seed`` and the epoch (Lightning's fit
+    loop calls :meth:`set_epoch`), the same on every rank; rank ``r`` of ``w`` takes every ``w``-th
+    image from ``r`` and the tail that does not divide evenly is dropped, so the shards are disjoint
+    and equal. Being a ``DistributedSampler`` built with the trainer's rank and world size, Lightning
+    leaves it in place under DDP rather than wrapping it. ``start`` skips that many of this
+    process's images in the next iteration only (a resumed run skips the batches it trained on).
+    """
+
+    def __init__(self, dataset: LabelledImages, rank: int, world_size: int, seed: int) -> None:
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.start = 0
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        start, self.start = self.start, 0
+        return iter(indices[start:])
+
+
+class LabelledLoader(_ResumablePosition, DataLoader):
+    """The DataLoader of labelled training batches (full batches only); resumes mid-epoch like :class:`EpisodeLoader`.
+
+    Args:
+        dataset: the labelled training images.
+        sampler: this process's share of them.
+        batch_size: images per batch on each process.
+        num_workers: DataLoader worker processes.
+        epoch, consumed: as for :class:`EpisodeLoader`.
+    """
+
+    def __init__(
+        self,
+        dataset: LabelledImages,
+        sampler: LabelledSampler,
+        batch_size: int,
+        num_workers: int,
+        epoch: Callable[[], int] | None = None,
+        consumed: Callable[[], int | None] | None = None,
+    ) -> None:
+        super().__init__(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            drop_last=True,
+            num_workers=num_workers,
+            collate_fn=_already_collated,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=False,
+        )
+        self._track_position(epoch, consumed)
+
+    def _loaded_epoch(self) -> int:
+        return self.sampler.epoch  # type: ignore[attr-defined]
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        sampler: LabelledSampler = self.sampler  # type: ignore[assignment]
+        epoch, start = self._next_position(len(self))
+        sampler.set_epoch(epoch)
+        sampler.start = start * int(self.batch_size or 1)
+        for batch in super().__iter__():
+            self._handed_out += 1
+            yield batch
+
+
 class EpisodicDataModule(pl.LightningDataModule):
     """Base LightningDataModule that yields batches of N-way K-shot episodes (:class:`EpisodeBatch`).
 
     A bundle implements :meth:`load_split` (class-indexed uint8 images) or, for data that is not
     class-indexed, :meth:`make_source`. Everything else (validation of the episode settings,
     seeding, DDP sharding, DataLoaders, the uint8-to-float step on the device) lives here.
+
+    With ``train_batches="labelled"`` the training DataLoader serves the training split as plain
+    labelled batches (:class:`LabelledBatch`: ``batch_size`` images per process, labels
+    ``0..num_train_classes-1`` over all training classes, a new order every epoch, the bundle's
+    training augmentation, disjoint shards under DDP) for supervised pre-training (Chen et al. 2019;
+    Tian et al. 2020); validation and test stay the same fixed episodes. It needs a class-indexed
+    bundle (one with :meth:`load_split`). The episode settings of training are then unused.
 
     Args:
         ways: classes per episode (N) for validation and test, and for training unless ``train_ways``.
@@ -173,6 +310,8 @@ class EpisodicDataModule(pl.LightningDataModule):
         train_queries: queries for training episodes only.
         seed: fixes the validation and test episodes, and with the epoch and rank the training ones.
         num_workers: DataLoader worker processes (sampling is vectorised; 0 is often fastest).
+        train_batches: "episodes" (the default) or "labelled" (see above).
+        batch_size: training images per batch and process with ``train_batches="labelled"``.
     """
 
     #: "classification" (integer labels) or "regression" (float targets); picks the checkpoint metric.
@@ -192,6 +331,8 @@ class EpisodicDataModule(pl.LightningDataModule):
         train_queries: PositiveInt | None = None,
         seed: int = 0,
         num_workers: NonNegativeInt = 0,
+        train_batches: Literal["episodes", "labelled"] = "episodes",
+        batch_size: PositiveInt = 64,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -206,6 +347,7 @@ class EpisodicDataModule(pl.LightningDataModule):
             "train_ways": train_ways,
             "train_shots": train_shots,
             "train_queries": train_queries,
+            "batch_size": batch_size,
         }
         for name, value in positive.items():
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -224,13 +366,26 @@ class EpisodicDataModule(pl.LightningDataModule):
             None if v is None else int(v) for v in (train_ways, train_shots, train_queries)
         )
         num_workers = int(num_workers)
+        if train_batches not in TRAIN_BATCHES:
+            raise ValueError(
+                f"train_batches={train_batches!r} must be one of {', '.join(map(repr, TRAIN_BATCHES))}: "
+                "'episodes' for episodic training, 'labelled' for supervised pre-training"
+            )
+        if train_batches == "labelled" and type(self).load_split is EpisodicDataModule.load_split:
+            raise ValueError(
+                f"train_batches='labelled' serves the class-indexed images of load_split(), but "
+                f"{type(self).__name__} draws its episodes with make_source() and has none; use "
+                "train_batches='episodes' or a class-indexed bundle"
+            )
+        self.train_batches, self.batch_size = train_batches, int(batch_size)
+        self._labelled: LabelledImages | None = None
         self.ways, self.shots, self.queries = ways, shots, queries
         self.tasks_per_batch = tasks_per_batch
         self.episodes = {"train": train_episodes, "val": val_episodes, "test": test_episodes}
         self.train_ways, self.train_shots, self.train_queries = train_ways, train_shots, train_queries
         self.seed, self.num_workers = seed, num_workers
         self.streams: dict[str, EpisodeStream] = {}
-        self._train_loader: EpisodeLoader | None = None
+        self._train_loader: EpisodeLoader | LabelledLoader | None = None
         self._train_resume_at: dict[str, int] | None = None
 
     # ----------------------------------------------------------------- hooks for bundles
@@ -293,9 +448,23 @@ class EpisodicDataModule(pl.LightningDataModule):
         self._train_resume_at = None
         self._build_streams(stage)
 
+    @property
+    def num_train_classes(self) -> int:
+        """The number of classes of the training split: the labels of ``train_batches="labelled"`` are below it."""
+        if type(self).load_split is EpisodicDataModule.load_split:
+            raise ValueError(
+                f"{type(self).__name__} draws its episodes with make_source() and has no class-indexed training "
+                "split, so no num_train_classes; pass the number of classes to the model instead"
+            )
+        return self.load_split("train").num_classes
+
     def _build_streams(self, stage: str) -> None:
         rank, world = self._rank_and_world()
         for split in _STAGE_SPLITS[stage]:
+            if split == "train" and self.train_batches == "labelled":
+                if self._labelled is None:
+                    self._labelled = LabelledImages(self.load_split("train"))
+                continue
             if split in self.streams and (self.streams[split].rank, self.streams[split].world_size) == (
                 rank,
                 world,
@@ -311,17 +480,41 @@ class EpisodicDataModule(pl.LightningDataModule):
                 world,
             )
 
+    def _labelled_loader(self) -> LabelledLoader:
+        if self._labelled is None:
+            self._build_streams("fit")
+        assert self._labelled is not None
+        rank, world = self._rank_and_world()
+        share = len(self._labelled) // world
+        if share < self.batch_size:
+            where = f", {share} per process over {world} processes" if world > 1 else ""
+            raise ValueError(
+                f"batch_size={self.batch_size} but the 'train' split of {type(self).__name__} has "
+                f"{len(self._labelled)} images{where}; lower batch_size"
+            )
+        # Its own seed stream, so the labelled order is not tied to any episode's.
+        sampler = LabelledSampler(self._labelled, rank, world, episode_seed(self.seed, "labelled"))
+        loader = LabelledLoader(
+            self._labelled, sampler, self.batch_size, self.num_workers, self._current_epoch, self._batches_trained
+        )
+        self._resume(loader)
+        return loader
+
     def _loader(self, split: str) -> EpisodeLoader:
         if split not in self.streams:
             self._build_streams({"train": "fit", "val": "validate", "test": "test"}[split])
         if split != "train":
             return EpisodeLoader(self.streams[split], self.num_workers)
         loader = EpisodeLoader(self.streams[split], self.num_workers, self._current_epoch, self._batches_trained)
+        self._resume(loader)
+        return loader
+
+    def _resume(self, loader: EpisodeLoader | LabelledLoader) -> None:
+        """Make ``loader`` the training loader, starting where a loaded checkpoint stopped."""
         if self._train_resume_at is not None:
             loader.load_state_dict(self._train_resume_at)
             self._train_resume_at = None
         self._train_loader = loader
-        return loader
 
     def state_dict(self) -> dict[str, Any]:
         """The training stream's position, which the Trainer saves in every checkpoint.
@@ -351,8 +544,8 @@ class EpisodicDataModule(pl.LightningDataModule):
             return None
         return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed  # type: ignore[attr-defined]
 
-    def train_dataloader(self) -> EpisodeLoader:
-        return self._loader("train")
+    def train_dataloader(self) -> EpisodeLoader | LabelledLoader:
+        return self._labelled_loader() if self.train_batches == "labelled" else self._loader("train")
 
     def val_dataloader(self) -> EpisodeLoader:
         return self._loader("val")
@@ -367,6 +560,11 @@ class EpisodicDataModule(pl.LightningDataModule):
             if self.trainer is not None and self.trainer.training:
                 support_x, query_x = self.augment_images(support_x), self.augment_images(query_x)
             return EpisodeBatch(support_x, batch.support_y, query_x, batch.query_y)
+        if isinstance(batch, LabelledBatch) and batch.images.dtype == torch.uint8:
+            images = self.transform_images(batch.images)
+            if self.trainer is not None and self.trainer.training:
+                images = self.augment_images(images)
+            return LabelledBatch(images, batch.labels)
         return batch
 
     def transform_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -374,7 +572,7 @@ class EpisodicDataModule(pl.LightningDataModule):
         return images.float().div_(255)
 
     def augment_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Augment float training images ``[tasks, examples, C, H, W]`` on the device; identity by default.
+        """Augment float training images ``[tasks, examples, C, H, W]`` or ``[N, C, H, W]``; identity by default.
 
         Called after :meth:`transform_images`, for training batches only, so validation and test
         episodes stay the same for a given seed. Bundles override it, for example with
@@ -383,4 +581,13 @@ class EpisodicDataModule(pl.LightningDataModule):
         return images
 
 
-__all__ = ["EpisodicDataModule", "EpisodeLoader", "SPLITS"]
+__all__ = [
+    "EpisodicDataModule",
+    "EpisodeLoader",
+    "LabelledBatch",
+    "LabelledImages",
+    "LabelledLoader",
+    "LabelledSampler",
+    "SPLITS",
+    "TRAIN_BATCHES",
+]
