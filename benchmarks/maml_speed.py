@@ -1,12 +1,18 @@
-"""MAML meta-training speed and peak memory: ours (loop / vmap, fp32 / bf16-mixed) against learn2learn's MAML.
+"""MAML meta-training speed and peak memory: ours (loop / vmap / batched, fp32 / bf16-mixed) against learn2learn.
 
 Same model weights, same episodes, same settings, one run. Each measurement runs in a fresh
-subprocess so its peak resident memory (max RSS above the RSS before the first step) is its own.
-Prints a markdown table with ratios to learn2learn fp32.
+subprocess so its peak memory is its own (CPU: max RSS above the RSS before the first step; GPU:
+``torch.cuda.max_memory_allocated``). Prints the CPU's features (AMX or not) and a markdown table
+with ratios to learn2learn in the same precision.
 
     python benchmarks/maml_speed.py                # needs the learn2learn extra
-    python benchmarks/maml_speed.py --steps 5 --settings omniglot_5w1s --variants "learn2learn fp32" "ours loop bf16"
-    python benchmarks/maml_speed.py --one omniglot_5w1s "ours loop bf16" second --profile   # top ops of one step
+    python benchmarks/maml_speed.py --steps 5 --settings omniglot_5w1s --variants "learn2learn fp32" "ours batched fp32"
+    python benchmarks/maml_speed.py --device cuda  # on a GPU
+    python benchmarks/maml_speed.py --one omniglot_5w1s "ours batched bf16" second --profile   # top ops of one step
+
+A variant names the implementation (``learn2learn`` or ``ours``), for ours the task batching
+(``loop``, ``vmap``, ``batched``), the precision (``fp32`` or ``bf16``, i.e. bf16-mixed autocast)
+and optionally ``nhwc`` (channels-last weights and images).
 """
 
 from __future__ import annotations
@@ -33,20 +39,33 @@ SETTINGS = {
         ways=5, shots=1, queries=15, tasks=4, steps=5, lr=0.01, size=84, channels=3, hidden=32, pooling="max"
     ),
 }
-# "nchw": our Conv4 fed contiguous (channels-first) tensors instead of channels-last, its default.
 VARIANTS = [
     "learn2learn fp32",
     "ours loop fp32",
-    "ours loop fp32 nchw",
     "ours vmap fp32",
+    "ours batched fp32",
+    "learn2learn bf16",
     "ours loop bf16",
-    "ours loop bf16 nchw",
     "ours vmap bf16",
+    "ours batched bf16",
 ]
 
 
-def make_batch(s: dict):
-    return random_episodes(s["tasks"], s["ways"], s["shots"], s["queries"], (s["channels"], s["size"], s["size"]))
+def make_batch(s: dict, device: str = "cpu"):
+    batch = random_episodes(s["tasks"], s["ways"], s["shots"], s["queries"], (s["channels"], s["size"], s["size"]))
+    return type(batch)(*(t.to(device) for t in batch))
+
+
+def cpu_features() -> str:
+    """The CPU's model and whether it has AMX (bf16 fast) or only AVX-512 bf16 / none (bf16 slow)."""
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        return platform.processor() or platform.machine()
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    bf16 = "AMX" if "amx_bf16" in flags else "no AMX" + (" (AVX-512 bf16)" if "avx512_bf16" in flags else "")
+    return f"{model}, {bf16}"
 
 
 def reference_model(s: dict):
@@ -57,14 +76,17 @@ def reference_model(s: dict):
     return l2l.vision.models.MiniImagenetCNN(output_size=s["ways"], hidden_size=s["hidden"])
 
 
-def run_one(setting: str, variant: str, first_order: bool, steps: int, profile: bool = False) -> dict:
+def run_one(
+    setting: str, variant: str, first_order: bool, steps: int, profile: bool = False, device: str = "cpu"
+) -> dict:
     s = SETTINGS[setting]
     torch.manual_seed(0)
-    batch = make_batch(s)
+    batch = make_batch(s, device)
+    bf16 = "bf16" in variant.split()
     if variant.startswith("learn2learn"):
         import learn2learn as l2l
 
-        maml = l2l.algorithms.MAML(reference_model(s), lr=s["lr"], first_order=first_order)
+        maml = l2l.algorithms.MAML(reference_model(s), lr=s["lr"], first_order=first_order).to(device)
         optimizer = torch.optim.Adam(maml.parameters(), 1e-3)
 
         def step() -> None:
@@ -72,9 +94,10 @@ def run_one(setting: str, variant: str, first_order: bool, steps: int, profile: 
             optimizer.zero_grad()
             for t in range(s["tasks"]):
                 learner = maml.clone()
-                for _ in range(s["steps"]):
-                    learner.adapt(F.cross_entropy(learner(batch.support_x[t]), batch.support_y[t]))
-                loss = F.cross_entropy(learner(batch.query_x[t]), batch.query_y[t])
+                with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+                    for _ in range(s["steps"]):
+                        learner.adapt(F.cross_entropy(learner(batch.support_x[t]), batch.support_y[t]))
+                    loss = F.cross_entropy(learner(batch.query_x[t]), batch.query_y[t])
                 (loss / s["tasks"]).backward()
             optimizer.step()
 
@@ -82,22 +105,28 @@ def run_one(setting: str, variant: str, first_order: bool, steps: int, profile: 
         from lightning_meta import MAML, Conv4
 
         backbone = Conv4(s["channels"], s["hidden"], s["size"], s["ways"], s["pooling"], track_running_stats=False)
-        mode = "vmap" if "vmap" in variant else "loop"
-        nhwc = "nchw" not in variant
-        model = MAML(backbone, s["lr"], s["steps"], s["steps"], first_order, task_batching=mode, channels_last=nhwc)
+        mode = next(m for m in ("loop", "vmap", "batched", "auto") if m in variant.split())
+        model = MAML(backbone, s["lr"], s["steps"], s["steps"], first_order, task_batching=mode,
+                     channels_last="nhwc" in variant.split()).to(device)  # fmt: skip
         model.train()
         optimizer = torch.optim.Adam(model.parameters(), 1e-3)
-        bf16 = "bf16" in variant
 
         def step() -> None:
             optimizer.zero_grad()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
                 loss = model.episode_loss(batch)[0].mean()
             loss.backward()
             optimizer.step()
 
+    def synchronize() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
     rss_before = _rss_mb()
     step()  # warm-up
+    synchronize()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     if profile:
         with torch.profiler.profile() as prof:
             step()
@@ -105,8 +134,12 @@ def run_one(setting: str, variant: str, first_order: bool, steps: int, profile: 
     start = time.perf_counter()
     for _ in range(steps):
         step()
+    synchronize()
     elapsed = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before
     return {"tasks_per_s": steps * s["tasks"] / elapsed, "peak_mb": peak}
 
 
@@ -122,14 +155,15 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     parser.add_argument("--one", nargs=3, metavar=("SETTING", "VARIANT", "ORDER"))
     parser.add_argument("--profile", action="store_true", help="with --one: print the top ops of one step")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
     if args.one:
         setting, variant, order = args.one
-        print(json.dumps(run_one(setting, variant, order == "first", args.steps, args.profile)))
+        print(json.dumps(run_one(setting, variant, order == "first", args.steps, args.profile, args.device)))
         return
-    print(
-        f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, {args.steps} timed steps"
-    )
+    where = torch.cuda.get_device_name() if args.device == "cuda" else cpu_features()
+    print(f"{where}; {torch.get_num_threads()} threads, torch {torch.__version__}, {args.steps} timed steps")
+    print("\nRatios are to learn2learn in the same precision (fp32 or bf16-mixed), measured in the same run.\n")
     print("| setting | order | variant | tasks/s | vs l2l | peak MB | vs l2l |")
     print("|---|---|---|---|---|---|---|")
     for setting in args.settings:
@@ -137,7 +171,18 @@ def main() -> None:
             results = {}
             for variant in args.variants:
                 out = subprocess.run(
-                    [sys.executable, __file__, "--steps", str(args.steps), "--one", setting, variant, order],
+                    [
+                        sys.executable,
+                        __file__,
+                        "--steps",
+                        str(args.steps),
+                        "--device",
+                        args.device,
+                        "--one",
+                        setting,
+                        variant,
+                        order,
+                    ],  # fmt: skip
                     capture_output=True,
                     text=True,
                 )
@@ -145,7 +190,8 @@ def main() -> None:
                     print(f"| {setting} | {order} | {variant} | failed: {out.stderr.strip().splitlines()[-1]} |||||")
                     continue
                 results[variant] = r = json.loads(out.stdout.strip().splitlines()[-1])
-                ref = results.get("learn2learn fp32", r)
+                precision = "bf16" if "bf16" in variant.split() else "fp32"
+                ref = results.get(f"learn2learn {precision}", r)
                 print(
                     f"| {setting} | {order} | {variant} | {r['tasks_per_s']:.1f} | "
                     f"{r['tasks_per_s'] / ref['tasks_per_s']:.2f}x | {r['peak_mb']:.0f} | "

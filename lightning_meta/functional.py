@@ -428,7 +428,8 @@ def inner_loop(
             params, state = optimizer.step(params, grads, state, t + 1)
     if curve_loss is not None:
         points.append(_without_grad(curve_loss, params))
-    return InnerLoop(params, state, torch.stack(points) if points else None)
+    # Along the last dimension: a [T]-shaped loss of tasks run together gives a [T, points] curve.
+    return InnerLoop(params, state, torch.stack(points, dim=-1) if points else None)
 
 
 def _with_data(loss_fn: Callable[..., Tensor], data: Any, params: Params) -> Tensor:
@@ -449,6 +450,7 @@ def map_tasks(
     *,
     backward: Sequence[Tensor] | None = None,
     backward_scale: float = 1.0,
+    chunk: int | None = None,
 ) -> Any:
     """Run ``fn`` on each task of a meta-batch and stack its outputs along a new leading task dimension.
 
@@ -458,17 +460,20 @@ def map_tasks(
     Args:
         fn: the per-task function.
         inputs: tensors with a leading task dimension.
-        mode: ``"loop"`` (one task after another) or ``"vmap"`` (all together under
-            ``torch.func.vmap``, with :func:`~lightning_meta.backbones.vmap_safe_batch_norm`). They
-            give the same results; which is faster depends on the model and device.
-        backward: loop only: parameters to take each task's meta-gradient for at once. ``fn``'s
-            first output must then be the task's scalar loss; its gradient is summed over tasks and
-            the graph freed, so memory holds one task (learn2learn's per-task backward). The
-            returned losses are detached plus a zero whose gradient is the mean over tasks
-            (:func:`gradient_stand_in`), so one backward of their mean applies it; the other outputs
-            are detached.
+        mode: ``"loop"`` (one task after another), ``"vmap"`` (all together under
+            ``torch.func.vmap``, with :func:`~lightning_meta.backbones.vmap_safe_batch_norm`) or
+            ``"batched"`` (``fn`` itself takes ``chunk`` tasks at once, with their task dimension,
+            and returns outputs with it: :mod:`lightning_meta.task_batched`). They give the same
+            results; which is faster depends on the model and device.
+        backward: loop and batched: parameters to take each task's (chunk's) meta-gradient for at
+            once. ``fn``'s first output must then be the task's scalar loss (the chunk's ``[k]``
+            losses); its gradient is summed over tasks and the graph freed, so memory holds one task
+            (chunk): learn2learn's per-task backward. The returned losses are detached plus a zero
+            whose gradient is the mean over tasks (:func:`gradient_stand_in`), so one backward of
+            their mean applies it; the other outputs are detached.
         backward_scale: multiply each task's loss by this before its backward (the AMP loss scale,
             so that fp16 gradients do not underflow); it is divided out again.
+        chunk: batched only: tasks per call of ``fn`` (default all).
     """
     tasks = inputs[0].shape[0]
     if mode == "vmap":
@@ -483,22 +488,24 @@ def map_tasks(
             found = iter(vmap(flat)(*inputs))
         tree, absent = spec[0]
         return pytree.tree_unflatten([None if none else next(found) for none in absent], tree)
-    if mode != "loop":
-        raise ValueError(f"mode={mode!r} must be 'loop' or 'vmap'")
+    if mode not in ("loop", "batched"):
+        raise ValueError(f"mode={mode!r} must be 'loop', 'vmap' or 'batched'")
     params = list(backward) if backward else []
     summed: list[Tensor | None] = [None] * len(params)
     outputs = []
-    for t in range(tasks):
-        out = fn(*(x[t] for x in inputs))
+    step = (chunk or tasks) if mode == "batched" else 1
+    for t in range(0, tasks, step):
+        out = fn(*(x[t : t + step] if mode == "batched" else x[t] for x in inputs))
         if params:
             loss, *rest = out
-            grads = torch.autograd.grad(loss * backward_scale, params, allow_unused=True)
+            grads = torch.autograd.grad(loss.sum() * backward_scale, params, allow_unused=True)
             summed = [s if g is None else g if s is None else s.add_(g) for s, g in zip(summed, grads, strict=True)]
             out = (loss.detach(), *pytree.tree_map(_detach, rest))
         outputs.append(out)
     tree = pytree.tree_structure(outputs[0])
     columns = zip(*(pytree.tree_leaves(out) for out in outputs), strict=True)
-    stacked = pytree.tree_unflatten([None if c[0] is None else torch.stack(c) for c in columns], tree)
+    join = torch.cat if mode == "batched" else torch.stack
+    stacked = pytree.tree_unflatten([None if c[0] is None else join(c) for c in columns], tree)
     if params:
         loss, *rest = stacked
         stacked = (loss + gradient_stand_in(params, summed, backward_scale * tasks), *rest)

@@ -8,6 +8,8 @@ batches, and the checks of the head's outputs against the episodes' ways.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
@@ -21,6 +23,7 @@ from ..backbones import to_channels_last
 from ..base import AdaptationCurve, EpisodeOutput, EpisodicModule
 from ..functional import InnerLoop, InnerOptimizer, Params, adaptation_curve_steps, forward_with, inner_loop
 from ..functional import select_params as select
+from ..task_batched import TaskBatched, check_task_batchable, expand_tasks
 
 
 class BackboneHead(nn.Module):
@@ -88,7 +91,7 @@ class GradientModule(EpisodicModule):
                 f"{name}: inner_optimizer={inner_optimizer!r} must be an InnerOptimizer, e.g. "
                 "lightning_meta.functional.SGD, MetaSGD, Momentum or Adam"
             )
-        if inner_optimizer.persistent and task_batching == "vmap":
+        if inner_optimizer.persistent and task_batching in ("vmap", "batched"):
             raise ValueError(
                 f"{name}: a persistent inner optimizer carries its state from task to task, so tasks run one "
                 "after another; set task_batching='loop' (or 'auto'), or the optimizer's persistent=False"
@@ -101,8 +104,11 @@ class GradientModule(EpisodicModule):
         self.task_batching, self.channels_last = task_batching, channels_last
         self.adaptation_curve = adaptation_curve
         self._chosen_batching: dict[bool, str] = {}
+        self._together: int | None = None  # tasks running together (task_batching="batched"), else None
         self._checked_shapes: set[tuple[int, ...]] = set()
         inner_optimizer.bind(select(self.network, adapt))  # also checks `adapt` now, not at the first batch
+        if task_batching == "batched":
+            check_task_batchable(self.network, self.adapt_params())
 
     # ------------------------------------------------------------------ the network and the inner loop
     @property
@@ -117,8 +123,46 @@ class GradientModule(EpisodicModule):
         return found
 
     def forward_with(self, params: Params, x: Tensor) -> Tensor:
-        """Run the network with ``params`` in place of (some of) its own parameters."""
-        return forward_with(self.network, params, x)
+        """Run the network with ``params`` in place of (some of) its own parameters.
+
+        Inside :meth:`tasks_together`, ``x`` is ``[T, B, ...]`` and ``params`` carry a leading task
+        dimension: the ``T`` tasks run through one call (:class:`~lightning_meta.task_batched.TaskBatched`).
+        """
+        if self._together is None:
+            return forward_with(self.network, params, x)
+        tasks, items = x.shape[:2]
+        with TaskBatched(tasks):
+            out = forward_with(self.network, params, x.flatten(0, 1))
+        return out.view(tasks, items, *out.shape[1:])
+
+    def task_losses(self, loss: Callable[[Tensor, Tensor], Tensor], predictions: Tensor, targets: Tensor) -> Tensor:
+        """``loss(predictions, targets)`` of one task, or ``[T]`` of each inside :meth:`tasks_together`."""
+        if self._together is None:
+            return loss(predictions, targets)
+        return torch.func.vmap(loss)(predictions, targets)
+
+    @contextmanager
+    def tasks_together(self, tasks: int) -> Iterator[None]:
+        """Run :meth:`adapt`, :meth:`forward_with` and :meth:`task_losses` on ``tasks`` tasks at once.
+
+        Raises:
+            TaskBatchingError: when the network has layers that cannot run tasks together.
+        """
+        check_task_batchable(self.network, self.adapt_params())
+        self._together = tasks
+        try:
+            yield
+        finally:
+            self._together = None
+
+    def together(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` (a per-task function) run on a chunk of tasks at once, under :meth:`tasks_together`."""
+
+        def run(*inputs: Tensor) -> Any:
+            with self.tasks_together(inputs[0].shape[0]):
+                return fn(*inputs)
+
+        return run
 
     def adapt_params(self) -> Params:
         """The parameters the inner loop starts from and adapts (chosen by ``adapt``)."""
@@ -161,11 +205,15 @@ class GradientModule(EpisodicModule):
             batches: ``[steps, size]`` support indices of each step's mini-batch; default the whole set.
             curve_loss: ``curve_loss(params)`` to measure along the way (the query loss).
         """
-        params = self.adapt_params() if params is None else params
+        if params is None:
+            params = self.adapt_params()
+            if self._together is not None:
+                params = expand_tasks(params, self._together)
 
         def support_loss(p: Params, index: Tensor | None = None) -> Tensor:
             x, y = (support_x, support_y) if index is None else (support_x[index], support_y[index])
-            return self.inner_loss(self.forward_with(p, x), y)
+            # Tasks together: the sum's gradient is every task's own (they share no weights).
+            return self.task_losses(self.inner_loss, self.forward_with(p, x), y).sum()
 
         result = inner_loop(support_loss, params, self.inner_optimizer, self.steps() if steps is None else steps,
                             create_graph=self.second_order, step_data=batches, curve_loss=curve_loss)  # fmt: skip
@@ -206,13 +254,14 @@ class GradientModule(EpisodicModule):
     def _time_task_batching(self, batch: EpisodeBatch) -> str:
         """Time a step (with its meta-gradient when training) both ways on ``batch``; return the faster.
 
-        Which is faster depends on the device and the model: on this project's CPU the loop wins for
-        Conv4 and vmap for the sinusoid MLP. Results are identical, so only speed is at stake; a
-        backbone that vmap cannot run (or that runs out of memory) gets the loop.
+        Which is faster depends on the device and the model (``benchmarks/RESULTS.md``). Results are
+        identical, so only speed is at stake; a mode the backbone cannot run (vmap of an unusual
+        layer, tasks together through a layer :mod:`~lightning_meta.task_batched` does not know) or
+        that runs out of memory is skipped.
         """
         params = [p for p in self.parameters() if p.requires_grad]
         times: dict[str, float] = {}
-        for mode in ("loop", "vmap"):
+        for mode in [m for m in ("loop", "vmap", "batched") if m in self.task_batchings]:
             try:
                 for _ in range(2):  # the first call warms up
                     start = time.perf_counter()
@@ -222,15 +271,16 @@ class GradientModule(EpisodicModule):
                     if loss.device.type == "cuda":
                         torch.cuda.synchronize(loss.device)
                     times[mode] = time.perf_counter() - start
-            except (RuntimeError, torch.OutOfMemoryError) as err:  # vmap cannot batch this backbone
-                rank_zero_info(f"{type(self).__name__}: task_batching='vmap' unavailable ({err}); using the loop")
-                return "loop"
+            except (RuntimeError, torch.OutOfMemoryError) as err:  # TaskBatchingError is a RuntimeError
+                if mode == "loop":
+                    raise
+                times.pop(mode, None)
+                rank_zero_info(f"{type(self).__name__}: task_batching={mode!r} unavailable ({err})")
         choice = min(times, key=times.__getitem__)
         phase = "training" if self.training else "evaluation"
-        rank_zero_info(
-            f"{type(self).__name__}: task_batching='auto' chose '{choice}' for {phase} "
-            f"(loop {1000 * times['loop']:.1f} ms, vmap {1000 * times['vmap']:.1f} ms per meta-batch)"
-        )
+        timed = ", ".join(f"{mode} {1000 * seconds:.1f} ms" for mode, seconds in times.items())
+        name = type(self).__name__
+        rank_zero_info(f"{name}: task_batching='auto' chose {choice!r} for {phase} ({timed} per meta-batch)")
         return choice
 
     # ------------------------------------------------------------------ checks of the head against the episodes

@@ -29,9 +29,12 @@ class MAML(GradientModule):
 
     The tasks of a meta-batch run one after another (``task_batching="loop"``: during training each
     task's graph is freed as soon as its meta-gradient is taken, so memory does not grow with the
-    meta-batch) or together under ``torch.func.vmap`` (``"vmap"``). Both give the same gradients.
-    ``"auto"`` times both on the first batch and keeps the faster (on a 2-core CPU the loop wins for
-    Conv4 on Omniglot and vmap for the sinusoid MLP; see ``benchmarks/RESULTS.md``).
+    meta-batch), together under ``torch.func.vmap`` (``"vmap"``), or together through task-batched
+    layers (``"batched"``: each convolution, linear layer and batch norm of the meta-batch is one
+    large kernel with per-task weights, :mod:`lightning_meta.task_batched`; ``tasks_per_chunk``
+    bounds the tasks held at once). All give the same gradients. ``"auto"`` times them on the first
+    batch of training and of evaluation, keeps the fastest and logs its choice
+    (``benchmarks/RESULTS.md`` has the measurements).
 
     Batch norm follows the paper: every task is normalised with the statistics of its own batch,
     during training and evaluation, and nothing is shared across tasks. Build image backbones with
@@ -53,7 +56,7 @@ class MAML(GradientModule):
         inner_steps_eval: inner steps during validation and test (the paper uses more than in training).
         first_order: drop second-order terms (FOMAML).
         learn_inner_lr: Meta-SGD step sizes: False, True/"tensor" or "element".
-        task_batching: "auto", "loop" or "vmap", see above.
+        task_batching: "auto", "loop", "vmap" or "batched", see above.
         channels_last: channels-last memory format for the backbone's weights and the image batches (see
             :attr:`EpisodicModule.channels_last`). Off by default here: channels-last kernels round
             differently with the thread count and the inner loop amplifies it, so DDP and single-process
@@ -66,7 +69,11 @@ class MAML(GradientModule):
         inner_optimizer: the inner update rule (:mod:`lightning_meta.functional`: ``SGD``, ``MetaSGD``,
             ``Momentum``, ``Adam``); default ``SGD(inner_lr)``, or ``MetaSGD(inner_lr)`` with
             ``learn_inner_lr``.
+        tasks_per_chunk: with ``task_batching="batched"``, at most this many tasks run together (each
+            chunk's meta-gradient is taken and its graph freed before the next); default all.
     """
+
+    task_batchings = ("auto", "loop", "vmap", "batched")
 
     def __init__(
         self,
@@ -76,7 +83,7 @@ class MAML(GradientModule):
         inner_steps_eval: int = 3,
         first_order: bool = False,
         learn_inner_lr: bool | Literal["tensor", "element"] = False,
-        task_batching: Literal["auto", "loop", "vmap"] = "auto",
+        task_batching: Literal["auto", "loop", "vmap", "batched"] = "auto",
         channels_last: bool = False,
         adaptation_curve: bool = True,
         optimizer: OptimizerCallable = torch.optim.Adam,
@@ -84,7 +91,10 @@ class MAML(GradientModule):
         head: nn.Module | None = None,
         adapt: str | list[str] = "all",
         inner_optimizer: InnerOptimizer | None = None,
+        tasks_per_chunk: int | None = None,
     ) -> None:
+        if tasks_per_chunk is not None and tasks_per_chunk < 1:
+            raise ValueError(f"tasks_per_chunk={tasks_per_chunk} must be 1 or more, or None for all tasks at once")
         if learn_inner_lr not in (False, True, "tensor", "element"):
             raise ValueError(f"learn_inner_lr={learn_inner_lr!r} must be False, True, 'tensor' or 'element'")
         if inner_optimizer is not None and learn_inner_lr:
@@ -99,7 +109,7 @@ class MAML(GradientModule):
             rule = MetaSGD(inner_lr, per) if learn_inner_lr else SGD(inner_lr)
         super().__init__(backbone, head, rule, adapt, inner_steps, inner_steps_eval, task_batching,
                          channels_last, adaptation_curve, optimizer, lr_scheduler)  # fmt: skip
-        self.inner_lr, self.first_order = inner_lr, first_order
+        self.inner_lr, self.first_order, self.tasks_per_chunk = inner_lr, first_order, tasks_per_chunk
         # Checkpoints from before the pluggable inner optimizers kept Meta-SGD's step sizes as `inner_lrs.*`.
         self._register_load_state_dict_pre_hook(_rename_meta_sgd_keys)
 
@@ -118,21 +128,23 @@ class MAML(GradientModule):
         """Adapt on one task's support set; return its query loss, query predictions and (with ``curve``) curve."""
 
         def query_loss(params: dict[str, Tensor]) -> Tensor:
-            return self.outer_loss(self.forward_with(params, query_x), query_y)
+            return self.task_losses(self.outer_loss, self.forward_with(params, query_x), query_y)
 
         adapted = self.adapt(support_x, support_y, curve_loss=query_loss if curve else None)
         prediction = self.forward_with(adapted.params, query_x)
-        return self.outer_loss(prediction, query_y), prediction, adapted.curve
+        return self.task_losses(self.outer_loss, prediction, query_y), prediction, adapted.curve
 
     def run_tasks(self, batch: EpisodeBatch, mode: str, curve: bool) -> EpisodeOutput:
         meta_params = [p for p in self.parameters() if p.requires_grad]
         # While training, take each task's meta-gradient at once and free its graph (learn2learn's
         # per-task backward), so memory holds one task; Lightning's backward then applies the sum.
-        per_task_backward = mode == "loop" and self.training and torch.is_grad_enabled() and bool(meta_params)
+        training = self.training and torch.is_grad_enabled() and bool(meta_params)
+        per_task_backward = training and mode in ("loop", "batched")
+        task = partial(self.task_loss, curve=curve)
         loss, predictions, curves = map_tasks(
-            partial(self.task_loss, curve=curve), tuple(batch), mode,
+            self.together(task) if mode == "batched" else task, tuple(batch), mode,
             backward=meta_params if per_task_backward else None,
-            backward_scale=self._loss_scale() if per_task_backward else 1.0,
+            backward_scale=self._loss_scale() if per_task_backward else 1.0, chunk=self.tasks_per_chunk,
         )  # fmt: skip
         return EpisodeOutput(loss, predictions, self.curve(curves))
 
