@@ -297,7 +297,7 @@ class Baseline(PretrainedModule):
     """Baseline (Chen et al. 2019, "A Closer Look at Few-shot Classification", section 3.1).
 
     Pre-trains the backbone with a linear classifier over all training classes; at evaluation a new
-    linear head (zero-initialised) is fitted on each episode's support embeddings with SGD (see
+    linear head (zero-initialised) is fitted on each episode's support embeddings with Adam (see
     :meth:`PretrainedModule.fit_episode_head`) and classifies the queries. The arguments are
     those of :class:`PretrainedModule`.
     """
@@ -320,7 +320,7 @@ class BaselinePlusPlus(Baseline):
     Logits are ``scale`` times the cosine similarity between the embedding and each class's weight
     vector, in pre-training (over all training classes) and in each episode's head. The episode
     head starts from the normalised class means of the support embeddings (weight imprinting,
-    deterministic; Chen et al. start from random weights) and is fitted with SGD as Baseline's.
+    deterministic; Chen et al. start from random weights) and is fitted as Baseline's.
 
     Args:
         scale: the scale of the cosine similarities; None follows Chen et al.'s code: 2 for up to
