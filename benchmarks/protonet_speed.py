@@ -4,11 +4,13 @@ Same Conv4-64 (max-pooling) architecture, same random Omniglot-sized episodes, o
 method does a full step (embed support and query, prototypes, cross-entropy, backward, Adam step).
 learn2learn: its ``CNN4Backbone`` + ``PrototypicalClassifier``; easyfsl: ``PrototypicalNetworks``
 over the same learn2learn backbone; both fp32. Ours: ``ProtoNet`` on ``Conv4``, bf16 rows under
-``torch.autocast("cpu", torch.bfloat16)`` as ``precision="bf16-mixed"`` does.
+``torch.autocast(device, torch.bfloat16)`` as ``precision="bf16-mixed"`` does. ``--device cuda`` puts
+every variant's model and batch on the GPU and synchronises before reading the clock.
 
     python benchmarks/protonet_speed.py --steps 10
     python benchmarks/protonet_speed.py --accuracy_epochs 3 --root ../shared/data/omniglot   # + fp32 vs bf16 run
     python benchmarks/protonet_speed.py --profile 60w5s15q "ours bf16 nchw"                 # top ops of one step
+    python benchmarks/protonet_speed.py --device cuda --steps 10                            # on a GPU
 """
 
 from __future__ import annotations
@@ -18,20 +20,22 @@ import platform
 
 import torch
 import torch.nn.functional as F
+from maml_speed import cpu_features
 from timing import ms_per_step, random_episodes, table_row
 
 SHAPES = {"5w5s15q": (5, 5, 15), "60w5s15q": (60, 5, 15)}
 VARIANTS = ["learn2learn fp32", "easyfsl fp32", "ours fp32", "ours fp32 nchw", "ours bf16", "ours bf16 nchw"]
 
 
-def make_step(variant: str, ways: int, shots: int, queries: int):
+def make_step(variant: str, ways: int, shots: int, queries: int, device: str = "cpu"):
     torch.manual_seed(0)
     batch = random_episodes(1, ways, shots, queries, (1, 28, 28))
+    batch = type(batch)(*(t.to(device) for t in batch))
     sx, sy, qx, qy = (t[0] for t in batch)
     if variant.startswith(("learn2learn", "easyfsl")):
         import learn2learn as l2l
 
-        backbone = l2l.vision.models.CNN4Backbone(hidden_size=64, layers=4, channels=1, max_pool=True)
+        backbone = l2l.vision.models.CNN4Backbone(hidden_size=64, layers=4, channels=1, max_pool=True).to(device)
         optimizer = torch.optim.Adam(backbone.parameters(), 1e-3)
         if variant.startswith("learn2learn"):
             classifier = l2l.nn.PrototypicalClassifier(distance="euclidean")
@@ -54,22 +58,30 @@ def make_step(variant: str, ways: int, shots: int, queries: int):
             optimizer.zero_grad()
             F.cross_entropy(logits(), qy).backward()
             optimizer.step()
+            synchronize(device)
 
         return step
     from lightning_meta import Conv4, ProtoNet
 
-    ours = ProtoNet(Conv4(1, 64, 28, pooling="max"), channels_last="nchw" not in variant).train()
+    ours = ProtoNet(Conv4(1, 64, 28, pooling="max"), channels_last="nchw" not in variant).to(device).train()
     optimizer = torch.optim.Adam(ours.parameters(), 1e-3)
     bf16 = "bf16" in variant
 
     def step() -> None:
         optimizer.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
             loss = ours.episode_loss(batch)[0].mean()
         loss.backward()
         optimizer.step()
+        synchronize(device)
 
     return step
+
+
+def synchronize(device: str) -> None:
+    """Wait for the GPU's queued kernels, so that a step's wall time includes them."""
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def accuracy(root: str, cache_dir: str | None, epochs: int, test_episodes: int) -> None:
@@ -110,23 +122,34 @@ def main() -> None:
     parser.add_argument("--cache_dir", default=None)
     parser.add_argument("--test_episodes", type=int, default=1000)
     parser.add_argument("--profile", nargs=2, metavar=("SHAPE", "VARIANT"), help="print the top ops of one step")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch.cuda.is_available() is False; use --device cpu")
     if args.profile:
-        step = make_step(args.profile[1], *SHAPES[args.profile[0]])
+        step = make_step(args.profile[1], *SHAPES[args.profile[0]], args.device)
         step()
         with torch.profiler.profile() as prof:
             step()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
         return
-    print(f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.steps}")
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.machine()}, {cpu_features()}"
+    print(f"{where}; {torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.steps}")
     print("| episode | variant | ms / step | speed vs learn2learn fp32 |")
     print("|---|---|---|---|")
     for name in args.shapes:
         reference = None
-        for variant in VARIANTS:
-            ms = ms_per_step(make_step(variant, *SHAPES[name]), args.steps)
-            reference = reference or ms
-            print(table_row([name, variant, f"{ms:.0f}", f"{reference / ms:.2f}x"]), flush=True)
+        for variant in args.variants:
+            try:
+                step = make_step(variant, *SHAPES[name], args.device)
+            except ImportError as error:  # learn2learn / easyfsl not installed: say so, time the others
+                print(table_row([name, variant, f"not run: {error}", ""]), flush=True)
+                continue
+            ms = ms_per_step(step, args.steps)
+            reference = ms if variant == "learn2learn fp32" else reference
+            ratio = f"{reference / ms:.2f}x" if reference else "no learn2learn run"
+            print(table_row([name, variant, f"{ms:.1f}", ratio]), flush=True)
     if args.accuracy_epochs:
         accuracy(args.root, args.cache_dir, args.accuracy_epochs, args.test_episodes)
 
