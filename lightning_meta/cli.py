@@ -14,12 +14,14 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 import datamodules  # noqa: F401  (registers the bundles for short names in YAML)
 from datamodules import EpisodicDataModule
 
-from . import EpisodicModule  # noqa: F401
-from .callbacks import InterruptCheckpoint, default_callbacks
+from . import EpisodicModule
+from .callbacks import EpisodeImages, EpisodesPerSecond, InterruptCheckpoint, default_callbacks
+from .precision import default_precision
 
 
 class EpisodicCheckpoint(ModelCheckpoint):
@@ -41,6 +43,10 @@ class EpisodicCheckpoint(ModelCheckpoint):
         super().setup(trainer, pl_module, stage)
         if getattr(getattr(trainer, "datamodule", None), "task", "classification") == "regression":
             self.monitor, self.mode, self.kth_value = "val/loss", "min", torch.tensor(torch.inf)
+        monitor = getattr(pl_module, "checkpoint_monitor", None)  # meta-RL modules: ("val/return", "max")
+        if monitor is not None:
+            self.monitor, self.mode = monitor
+            self.kth_value = torch.tensor(torch.inf if self.mode == "min" else -torch.inf)
 
 
 def _runs(trainer: Trainer) -> tuple[Path, list[Path]]:
@@ -103,6 +109,8 @@ def check_checkpoint_class(ckpt_path: str, configured: str) -> None:
     checkpoint = read_checkpoint(ckpt_path)
     if "lightning_meta" not in checkpoint and "_class_path" not in checkpoint.get("hyper_parameters", {}):
         return  # an older checkpoint: the module's on_load_checkpoint decides
+    if checkpoint.get("hyper_parameters", {}).get("_class_path") == configured:
+        return  # written by the configured class (also a meta-RL module, which is no EpisodicModule)
     written_by = checkpoint_class(checkpoint, ckpt_path)
     module_name, _, class_name = configured.rpartition(".")
     try:
@@ -196,7 +204,28 @@ class MetaCLI(LightningCLI):
     - ``test``/``validate``/``predict`` accept ``--ckpt_path best`` and ``--ckpt_path last`` in a
       new process (the best or last checkpoint of the newest earlier run in the same log folder),
       and ``fit`` accepts ``--ckpt_path last`` to resume the newest run.
+    - ``trainer.precision`` left unset (as the shipped configs leave it) becomes the fast precision
+      for this machine (:func:`~lightning_meta.precision.default_precision`: bf16-mixed on a CPU
+      with AMX or AVX-512 BF16 and on a bf16 GPU, else 32), logged at start; ``--trainer.precision``
+      chooses.
     """
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config.get("trainer")
+        if trainer is None or trainer.get("precision") is not None:
+            return
+        choice = default_precision(trainer.get("accelerator", "auto"))
+        trainer["precision"] = choice.precision
+        rank_zero_info(
+            f"lightning-meta: precision {choice.precision} ({choice.reason}); set --trainer.precision to choose"
+        )
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        if not isinstance(self.model, EpisodicModule):  # meta-RL modules: batches of task parameters, not episodes
+            trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, EpisodeImages | EpisodesPerSecond)]
+        return trainer
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI replaces the configured model by the class and hyperparameters saved in
@@ -321,7 +350,7 @@ def make_cli(args: list[str] | None = None, run: bool = True) -> MetaCLI:
         "callbacks": [EpisodicCheckpoint(), InterruptCheckpoint(), *default_callbacks()],
     }
     return MetaCLI(
-        EpisodicModule,
+        LightningModule,  # EpisodicModule subclasses, and the meta-RL modules (lightning_meta.rl.MetaRLModule)
         EpisodicDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,

@@ -1,9 +1,10 @@
 """The precision that is fast on this machine: bf16-mixed where the hardware runs bf16 fast, else 32.
 
-Few-shot training is dominated by small matrix products. bf16-mixed runs them several times faster
-than fp32 on a CPU with AMX matrix units (Intel Xeon since Sapphire Rapids) and on a GPU with bf16
-support, but on a CPU without AMX (most laptops, AMD EPYC and Ryzen, older Xeons) bf16 is emulated or
-half-accelerated and slower than fp32 (``benchmarks/RESULTS.md``, "precision default"). The
+Few-shot training is dominated by small matrix products. bf16-mixed runs them faster than fp32 on
+a CPU with bf16 matrix instructions (AMX tiles on Intel Xeon since Sapphire Rapids, AVX-512 BF16 on
+AMD Zen 4 and later and on Cooper Lake) and on a GPU with bf16 support; on a CPU without them
+(most laptops, AMD Zen 3 and older, most Xeons before Sapphire Rapids) bf16 is emulated and slower
+than fp32 (``benchmarks/RESULTS.md``, "precision default"). The
 configs therefore leave ``trainer.precision`` unset and the ``lightning-meta`` command resolves it
 with :func:`default_precision`, logging what it chose; ``--trainer.precision`` overrides it. In
 your own scripts: ``Trainer(precision=default_precision())``.
@@ -26,20 +27,24 @@ class PrecisionChoice(NamedTuple):
 
 
 @functools.cache
-def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX bf16 matrix units (torch's own check, else ``/proc/cpuinfo``'s ``amx_bf16`` flag)."""
+def cpu_bf16_units() -> str | None:
+    """This CPU's bf16 matrix instructions: ``"AMX"``, ``"AVX-512 BF16"`` or None (bf16 is emulated).
+
+    From torch's own AMX check and the ``amx_bf16`` / ``avx512_bf16`` flags of ``/proc/cpuinfo``.
+    """
     check = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    if check is not None:
-        try:
-            if check():
-                return True
-        except RuntimeError:
-            pass
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        if check is not None and check():
+            return "AMX"
+    except RuntimeError:
+        pass
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
-        return False
-    return "amx_bf16" in flags.split()
+        return None
+    if "amx_bf16" in flags:
+        return "AMX"
+    return "AVX-512 BF16" if "avx512_bf16" in flags else None
 
 
 def resolve_accelerator(accelerator: object = "auto") -> str:
@@ -62,8 +67,9 @@ def resolve_accelerator(accelerator: object = "auto") -> str:
 def default_precision(accelerator: object = "auto") -> PrecisionChoice:
     """The fast Trainer precision for ``accelerator`` on this machine, and the reason.
 
-    ``"bf16-mixed"`` on a CUDA GPU that supports bf16 and on a CPU with AMX; ``"32-true"`` on a
-    CPU without AMX (where bf16 is slower than fp32), on a GPU without bf16 and on Apple's MPS.
+    ``"bf16-mixed"`` on a CUDA GPU that supports bf16 and on a CPU with AMX or AVX-512 BF16;
+    ``"32-true"`` on a CPU without them (where bf16 is slower than fp32), on a GPU without bf16
+    and on Apple's MPS.
 
     Args:
         accelerator: the Trainer's ``accelerator`` argument (``"auto"``, ``"cpu"``, ``"gpu"``, ...).
@@ -75,6 +81,7 @@ def default_precision(accelerator: object = "auto") -> PrecisionChoice:
         return PrecisionChoice("32-true", f"GPU {torch.cuda.get_device_name()} has no bf16 support")
     if device == "mps":
         return PrecisionChoice("32-true", "Apple MPS")
-    if cpu_has_amx():
-        return PrecisionChoice("bf16-mixed", "CPU with AMX bf16 matrix units")
-    return PrecisionChoice("32-true", "CPU without AMX, where bf16 is slower than fp32")
+    units = cpu_bf16_units()
+    if units is not None:
+        return PrecisionChoice("bf16-mixed", f"CPU with {units} bf16 instructions")
+    return PrecisionChoice("32-true", "CPU without AMX or AVX-512 BF16, where bf16 is slower than fp32")
