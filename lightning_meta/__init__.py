@@ -5,8 +5,25 @@ the inner optimisers of gradient-based methods, and the inference helpers.
 """
 
 from . import functional
-from .algorithms import MAML, MatchingNet, ProtoNet, Reptile
+from .algorithms import (
+    ANIL,
+    LSLR,
+    MAML,
+    R2D2,
+    RFS,
+    Aggregate,
+    Baseline,
+    BaselinePlusPlus,
+    MAMLPlusPlus,
+    MatchingNet,
+    MetaNetwork,
+    MetaOptNet,
+    ProtoNet,
+    Reptile,
+)
 from .algorithms.gradient import GradientModule
+from .algorithms.maml_rl import MAMLRL  # meta-RL (not EpisodicModules): lightning_meta.rl
+from .algorithms.rl2 import RL2
 from .backbones import (
     MLP,
     WRN28_10,
@@ -21,23 +38,36 @@ from .backbones import (
 from .base import AdaptationCurve, EpisodeOutput, EpisodicModule
 from .functional import SGD, Adam, InnerOptimizer, MetaSGD, Momentum, forward_with, inner_loop, map_tasks, select_params
 from .inference import load_checkpoint, predict_episode, predict_folders
+from .precision import default_precision
 
 #: Base classes: subclass them, do not train them directly.
 BASE_CLASSES = ("EpisodicModule", "GradientModule")
 
 __all__ = [
+    "ANIL",
+    "LSLR",
     "MAML",
+    "MAMLRL",
     "MLP",
+    "R2D2",
+    "RFS",
+    "RL2",
     "SGD",
     "WRN28_10",
     "AdaptationCurve",
     "Adam",
+    "Aggregate",
+    "Baseline",
+    "BaselinePlusPlus",
     "Conv4",
     "EpisodeOutput",
     "EpisodicModule",
     "GradientModule",
     "InnerOptimizer",
+    "MAMLPlusPlus",
     "MatchingNet",
+    "MetaNetwork",
+    "MetaOptNet",
     "MetaSGD",
     "Momentum",
     "ProtoNet",
@@ -47,6 +77,7 @@ __all__ = [
     "TimmBackbone",
     "TorchvisionBackbone",
     "WideResNet",
+    "default_precision",
     "forward_with",
     "functional",
     "inner_loop",

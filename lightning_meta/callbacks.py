@@ -109,6 +109,8 @@ class EpisodesPerSecond(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if not (isinstance(batch, EpisodeBatch) or (isinstance(batch, tuple | list) and len(batch) == 4)):
+            return  # labelled pre-training batches (Baseline, RFS) hold images, not episodes
         now = time.perf_counter()
         tasks = as_episode_batch(batch).num_tasks
         if self._last is not None and now > self._last:

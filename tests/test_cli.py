@@ -26,14 +26,26 @@ def data_args(config: Path, omniglot_cache, small: bool = False, tmp_path: Path 
         args += FAKE_DATA[name](folder)
     if small and data["init_args"].get("tasks_per_batch", 1) > 2:
         args += ["--data.tasks_per_batch", "2"]  # wiring, not throughput: keep MAML's meta-batch small
+    if small and data["init_args"].get("train_batches") == "labelled" and data["init_args"].get("batch_size", 64) > 8:
+        args += ["--data.batch_size", "8"]  # a pre-training batch of 64 through ResNet-12 at 84 px: wiring only
     model = yaml.safe_load(config.read_text())["model"]
     if small and model["class_path"].endswith("MAML") and model["init_args"].get("task_batching", "auto") == "auto":
         args += ["--model.init_args.task_batching", "loop"]  # auto times vmap too: minutes at 84x84 on CPU
+    if small and model["class_path"].endswith("Aggregate"):
+        args += ["--data.queries", "3"]  # three members (one a 20-way MAML) on every query: wiring needs few
     backbone = model["init_args"].get("backbone", {}).get("class_path", "")
     if small and model["class_path"].endswith(("MAML", "Reptile")) and "ResNet12" in backbone:
         # Second-order steps through a 12M-parameter ResNet take minutes on CPU; this test checks wiring.
         args += ["--model.init_args.inner_steps", "1", "--model.init_args.inner_steps_eval", "1"]
         args += ["--model.init_args.first_order", "true", "--data.tasks_per_batch", "1"]
+    if small and model["class_path"].endswith(("MAMLRL", "RL2")):
+        # Meta-RL wiring: short episodes and few rollouts (full HalfCheetah rollouts take minutes on CPU).
+        args += ["--data.horizon", "20"] if "horizon" in data["init_args"] else []
+        args += ["--model.init_args.trajectories", "2"] if model["class_path"].endswith("MAMLRL") else []
+        args += ["--model.init_args.trials", "2"] if model["class_path"].endswith("RL2") else []
+    if small and model["class_path"].endswith(("R2D2", "MetaOptNet")) and "ResNet12" in backbone:
+        # Two 5-way 15-shot episodes through ResNet-12 at 84 px took 150 s on CPU; this test checks wiring.
+        args += ["--data.tasks_per_batch", "1", "--data.train_shots", "1", "--data.train_queries", "1"]
     return args
 
 

@@ -34,7 +34,11 @@ def test_each_task_gets_its_own_weights(backbone, conv):
     torch.manual_seed(0)
     net = backbone().double()
     tasks = 3
-    x = torch.randn(tasks, 4, 1, 28, 28, dtype=torch.float64) if isinstance(net, Conv4) else torch.randn(tasks, 4, 1, dtype=torch.float64)
+    x = (
+        torch.randn(tasks, 4, 1, 28, 28, dtype=torch.float64)
+        if isinstance(net, Conv4)
+        else torch.randn(tasks, 4, 1, dtype=torch.float64)
+    )
     params = {name: p + 0.1 * torch.randn(tasks, *p.shape, dtype=p.dtype) for name, p in net.named_parameters()}
     expected = torch.stack([functional_call(net, {n: p[t] for n, p in params.items()}, (x[t],)) for t in range(tasks)])
     with TaskBatched(tasks, conv):
@@ -80,7 +84,9 @@ def test_batched_evaluation_curve_meta_sgd_and_head_equal_the_loop():
 
 def test_batched_resnet12_equals_the_loop():
     torch.manual_seed(0)
-    backbone = ResNet12(in_channels=3, channels=(4, 4, 4, 4), image_size=16, drop_rate=0.0, track_running_stats=False).double()
+    backbone = ResNet12(
+        in_channels=3, channels=(4, 4, 4, 4), image_size=16, drop_rate=0.0, track_running_stats=False
+    ).double()
     head = nn.Linear(backbone.embedding_dim, 5).double()
     batch = image_batch(tasks=2, queries=1, channels=3, size=16)
     grads = {}

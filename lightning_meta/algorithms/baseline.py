@@ -23,7 +23,6 @@ from datamodules.episodes import EpisodeBatch, as_episode_batch
 
 from ..backbones import Conv4, to_channels_last
 from ..base import EpisodicModule, at_least_float32, embed_episode
-from ..callbacks import EpisodesPerSecond
 
 #: An episode head: its tensors with a leading task dimension (weights ``[B, N, D]``, bias ``[B, N]``).
 Head = list[Tensor]
@@ -220,13 +219,6 @@ class PretrainedModule(EpisodicModule):
         self.log("train/acc", (logits.argmax(-1) == labelled.labels).float().mean(), prog_bar=True, batch_size=size)
         return loss
 
-    def configure_callbacks(self) -> list[Any]:
-        # EpisodesPerSecond counts the tasks of episode batches, which labelled batches do not have.
-        trainer = self._trainer
-        if trainer is None or not any(type(c) is EpisodesPerSecond for c in trainer.callbacks):  # type: ignore[attr-defined]
-            return []
-        return [EpisodesPerSecondOfEpisodes()]
-
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Build the classifier with the checkpoint's number of classes when the module has none yet."""
         super().on_load_checkpoint(checkpoint)
@@ -282,15 +274,6 @@ class PretrainedModule(EpisodicModule):
                         v.mul_(0.9).add_(g)
                         t.sub_(self.finetune_lr * v)
         return {n: p.detach() for n, p in params.items()}, [h.detach() for h in head]
-
-
-class EpisodesPerSecondOfEpisodes(EpisodesPerSecond):
-    """:class:`~lightning_meta.callbacks.EpisodesPerSecond` that skips labelled training batches (no episodes)."""
-
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if isinstance(batch, LabelledBatch):
-            return
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
 
 class Baseline(PretrainedModule):

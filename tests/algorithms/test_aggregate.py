@@ -191,6 +191,7 @@ def test_episode_weighting_learns_to_trust_a_member_where_it_does_well():
 
 
 # ---------------------------------------------------------------------- real Omniglot, Trainer, checkpoints
+@pytest.mark.slow
 def test_global_weights_prefer_a_trained_member_and_members_stay_frozen(omniglot_cache, tmp_path):
     torch.manual_seed(0)
     good, untrained = ProtoNet(Conv4(hidden=16)), ProtoNet(Conv4(hidden=16))

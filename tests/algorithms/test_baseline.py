@@ -37,6 +37,7 @@ def pretraining_accuracy(model: Baseline, dm: Omniglot) -> float:
     return accuracy
 
 
+@pytest.mark.slow
 def test_pretraining_learns_real_omniglot_and_its_heads_beat_an_untrained_backbone(omniglot_cache):
     """Pre-training accuracy over the 1028 characters rises; 5-way 1-shot test accuracy beats the untrained network's.
 

@@ -80,6 +80,7 @@ def test_bad_settings_name_the_parameter():
         RL2(episodes_per_trial=0)
 
 
+@pytest.mark.slow
 def test_rl2_later_episodes_of_a_trial_score_higher_than_the_first():
     torch.manual_seed(0)
     data = Bandit(arms=5, tasks_per_batch=16, train_episodes=16 * 300, val_episodes=16, test_episodes=64)
