@@ -64,8 +64,14 @@ def check_task_batchable(network: nn.Module, adapted: Iterable[str]) -> None:
 
 
 def expand_tasks(params: dict[str, Tensor], tasks: int) -> dict[str, Tensor]:
-    """Every parameter with a leading task dimension of size ``tasks`` (views: no copy, gradients sum back)."""
-    return {name: p.expand(tasks, *p.shape) for name, p in params.items()}
+    """Every parameter with a leading task dimension of size ``tasks`` (views: no copy, gradients sum back).
+
+    Under ``torch.no_grad`` (Lightning's validation) the views are of detached parameters: a view of a
+    parameter made there still says ``requires_grad`` but is cut from autograd, so the inner loop's
+    gradients with respect to it would come back as zeros and evaluation would not adapt.
+    """
+    grad = torch.is_grad_enabled()
+    return {name: (p if grad else p.detach()).expand(tasks, *p.shape) for name, p in params.items()}
 
 
 class TaskBatched(TorchFunctionMode):

@@ -269,7 +269,7 @@ def test_map_tasks_per_task_backward_gives_the_mean_meta_gradient():
     got = torch.autograd.grad(losses.mean(), list(net.parameters()))
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e)
-    with pytest.raises(ValueError, match="'loop' or 'vmap'"):
+    with pytest.raises(ValueError, match="'loop', 'vmap' or 'batched'"):
         map_tasks(task, [x], "serial")
 
 

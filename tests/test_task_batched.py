@@ -125,3 +125,17 @@ def test_expanded_parameters_are_views_whose_gradients_sum_back():
     assert expanded.shape == (4, 3, 2) and expanded.data_ptr() == w.data_ptr()
     (expanded * torch.arange(4.0).view(4, 1, 1)).sum().backward()
     torch.testing.assert_close(w.grad, torch.full((3, 2), 6.0))
+
+
+def test_batched_evaluation_adapts_under_no_grad_as_lightning_validates():
+    """Views of parameters made under no_grad say requires_grad but are cut from autograd."""
+    torch.manual_seed(0)
+    backbone = Conv4(pooling="stride", hidden=8, out_features=5, track_running_stats=False).double()
+    batch = image_batch(tasks=2)
+    found = {}
+    for mode in ("loop", "batched"):
+        model = MAML(backbone, inner_lr=0.4, inner_steps_eval=2, task_batching=mode).double().eval()
+        with torch.no_grad():
+            found[mode] = model.episode_loss(batch)
+    torch.testing.assert_close(found["batched"].loss, found["loop"].loss, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(found["batched"].adaptation.losses[:, 0], found["batched"].adaptation.losses[:, -1])
