@@ -224,7 +224,8 @@ class MetaCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
         if not isinstance(self.model, EpisodicModule):  # meta-RL modules: batches of task parameters, not episodes
-            trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, EpisodeImages | EpisodesPerSecond)]
+            kept = [c for c in trainer.callbacks if not isinstance(c, EpisodeImages | EpisodesPerSecond)]  # type: ignore[attr-defined]
+            trainer.callbacks = kept  # type: ignore[attr-defined]
         return trainer
 
     def _parse_ckpt_path(self) -> None:

@@ -99,6 +99,7 @@ class ANIL(GradientModule):
         Weights with a leading task dimension (``task_batching="batched"``) apply one head per task.
         """
         weight = params["head.weight"]
+        assert self.head is not None
         if weight.dim() == 2:
             return forward_with(self.head, {name.removeprefix("head."): p for name, p in params.items()}, x)
         out = x @ weight.transpose(-1, -2)

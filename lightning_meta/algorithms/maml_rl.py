@@ -114,9 +114,11 @@ class MAMLRL(MetaRLModule):
     # ------------------------------------------------------------------ pieces
     def policy_out(self, params: Params, obs: Tensor, per_task: bool) -> Tensor:
         """Distribution parameters for ``obs [B, ...]``: shared ``params``, or one set per task (``[B, ...]`` each)."""
+        policy = self.policy
+        assert policy is not None, "the policy is built in setup()"
         if per_task:
-            return vmap(partial(forward_with, self.policy))(params, obs)
-        return forward_with(self.policy, params, obs)
+            return vmap(partial(forward_with, policy))(params, obs)
+        return forward_with(policy, params, obs)
 
     def sample(self, tasks: Tensor, params: Params, per_task: bool, generator: torch.Generator | None) -> Trajectories:
         """``trajectories`` episodes per task with the given (shared or per-task) parameters."""

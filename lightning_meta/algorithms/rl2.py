@@ -102,6 +102,7 @@ class RL2(MetaRLModule):
                                       ("out", out[:, 0]), ("values", value[:, 0]),
                                       ("log_probs", policy.distribution(out[:, 0]).log_prob(flat))):  # fmt: skip
                         record[key].append(item)
+                assert done is not None
                 done = torch.ones_like(done)  # the episode ended: the next input says so
         return {key: torch.stack(values, 1) for key, values in record.items()}
 

@@ -114,7 +114,7 @@ def test_meta_sgd_learns_step_sizes(learn_inner_lr, shape):
     assert any(p is lr for p in model.parameters())  # so the outer optimizer updates it
 
 
-class ANIL(MAML):
+class HeadOnlyMAML(MAML):
     """Almost No Inner Loop (Raghu et al. 2020): adapt only the head, written as a subclass."""
 
     def adapt_params(self):
@@ -122,7 +122,7 @@ class ANIL(MAML):
 
 
 @pytest.mark.parametrize(
-    "make", [lambda **kw: ANIL(**kw), lambda **kw: MAML(adapt="head", **kw)], ids=["subclass", "arg"]
+    "make", [lambda **kw: HeadOnlyMAML(**kw), lambda **kw: MAML(adapt="head", **kw)], ids=["subclass", "arg"]
 )
 def test_anil_adapts_only_the_head_and_still_meta_learns_the_body(make):
     torch.manual_seed(0)
