@@ -185,6 +185,9 @@ class MAMLPlusPlus(MAML):
         inner_optimizer: another inner update rule; only with ``learn_inner_lr_per_step=False``.
     """
 
+    # Its own per-task inner loop (step-indexed losses and norms) is not written for tasks together.
+    task_batchings = ("auto", "loop", "vmap")
+
     def __init__(
         self,
         backbone: nn.Module,

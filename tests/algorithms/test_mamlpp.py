@@ -278,3 +278,13 @@ def test_derivative_order_and_msl_follow_the_trainers_epoch(fake_omniglot, tmp_p
 def test_bad_arguments_raise_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MAMLPlusPlus(conv4(), **kwargs)
+
+
+def test_tasks_together_is_refused_and_never_timed():
+    """MAML++'s own inner loop runs one task at a time (or under vmap); 'batched' is MAML's alone."""
+    from lightning_meta import Conv4, MAMLPlusPlus
+
+    net = Conv4(pooling="stride", hidden=8, out_features=5, track_running_stats=False)
+    with pytest.raises(ValueError, match="task_batching='batched'"):
+        MAMLPlusPlus(net, per_step_bn=False, task_batching="batched")
+    assert "batched" not in MAMLPlusPlus.task_batchings
