@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -73,7 +73,7 @@ class MAML(GradientModule):
             chunk's meta-gradient is taken and its graph freed before the next); default all.
     """
 
-    task_batchings = ("auto", "loop", "vmap", "batched")
+    task_batchings: ClassVar[tuple[str, ...]] = ("auto", "loop", "vmap", "batched")
 
     def __init__(
         self,
