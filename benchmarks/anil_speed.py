@@ -1,11 +1,15 @@
-"""ANIL meta-training speed against MAML adapting the head only and full MAML (and learn2learn's ANIL when installed).
+"""ANIL and MAML++ meta-training speed against MAML (head only and full) and learn2learn's ANIL and MAML.
 
 Same body, same random episodes, second order, one meta-training step (forward, meta-gradient,
 Adam) timed after a warm-up, in fp32 and under bf16 autocast; and one evaluation step (adaptation
 with the evaluation's inner steps, no meta-gradient; ours only). ANIL runs the body once per task;
 ``MAML(adapt="head")`` computes the same meta-gradient but runs the body at every inner step (with
 one inner step, as on Omniglot in training, both run it twice per task); full MAML adapts every
-weight. Prints a markdown table with the CPU's AMX flags (bf16 matrix units) from ``/proc/cpuinfo``.
+weight; MAML++ (``MAMLPlusPlus`` with all of the paper's switches on: multi-step loss, per-step
+batch norm, per-layer per-step learned inner rates, second order) is full MAML plus its extras.
+learn2learn's rows (when it is installed) follow its examples: ``anil_fc100.py`` for ANIL,
+``maml_omniglot.py`` for MAML (one backward per task). Prints a markdown table with the CPU's AMX
+flags (bf16 matrix units) from ``/proc/cpuinfo``.
 
     python benchmarks/anil_speed.py                                  # the real measurement (idle machine)
     python benchmarks/anil_speed.py --steps 1 --tasks 2 --settings omniglot_5w1s   # smoke run
@@ -24,7 +28,7 @@ import torch.nn.functional as F
 from timing import ms_per_step, random_episodes, table_row
 from torch import nn
 
-from lightning_meta import ANIL, MAML, Conv4
+from lightning_meta import ANIL, MAML, Conv4, MAMLPlusPlus
 
 # fmt: off
 SETTINGS = {
@@ -36,7 +40,7 @@ SETTINGS = {
                               channels=3, hidden=32, pooling="max"),
 }
 # fmt: on
-METHODS = ["ANIL", "MAML adapt=head", "MAML", "learn2learn ANIL"]
+METHODS = ["ANIL", "MAML adapt=head", "MAML", "MAML++", "learn2learn ANIL", "learn2learn MAML"]
 
 
 def amx_flags() -> str:
@@ -76,11 +80,33 @@ def make_step(method: str, s: dict, bf16: bool, device: torch.device, train: boo
             optimizer.step()
 
         return step
+    if method == "learn2learn MAML":
+        import learn2learn as l2l
+
+        full = Conv4(s["channels"], s["hidden"], s["size"], s["ways"], s["pooling"], track_running_stats=False)
+        maml = l2l.algorithms.MAML(full.to(device), lr=s["lr"])
+        optimizer = torch.optim.Adam(maml.parameters(), 1e-3)
+
+        def step() -> None:  # learn2learn's examples/vision/maml_omniglot.py: backward per task
+            optimizer.zero_grad()
+            for t in range(s["tasks"]):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    learner = maml.clone()
+                    for _ in range(s["steps"]):
+                        learner.adapt(F.cross_entropy(learner(batch.support_x[t]), batch.support_y[t]))
+                    loss = F.cross_entropy(learner(batch.query_x[t]), batch.query_y[t]) / s["tasks"]
+                loss.backward()
+            optimizer.step()
+
+        return step
     steps = (s["lr"], s["steps"], s["eval_steps"])
     if method == "ANIL":
         model: nn.Module = ANIL(body, head, *steps)
     elif method == "MAML adapt=head":
         model = MAML(body, *steps, head=head, adapt="head", task_batching="loop")
+    elif method == "MAML++":
+        full = Conv4(s["channels"], s["hidden"], s["size"], s["ways"], s["pooling"], track_running_stats=False)
+        model = MAMLPlusPlus(full, *steps, first_order_epochs=0, task_batching="loop")
     else:
         full = Conv4(s["channels"], s["hidden"], s["size"], s["ways"], s["pooling"], track_running_stats=False)
         model = MAML(full, *steps, task_batching="loop")
@@ -113,11 +139,10 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     methods = list(args.methods)
-    if "learn2learn ANIL" in methods:
-        try:
-            import learn2learn  # noqa: F401
-        except ImportError:
-            methods.remove("learn2learn ANIL")
+    try:
+        import learn2learn  # noqa: F401
+    except ImportError:
+        methods = [m for m in methods if not m.startswith("learn2learn")]
     print(f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, device {device}, "
           f"CPU AMX flags: {amx_flags()}, median of {args.steps} steps, second order\n")  # fmt: skip
     print(table_row(["setting", "phase", "precision", "method", "ms/step", "tasks/s", "tasks/s vs ANIL"]))

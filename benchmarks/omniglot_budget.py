@@ -18,7 +18,8 @@ import torch
 from runs import fit_and_test
 
 # Test accuracy (%) of the papers: Finn et al. 2017 Table 1 (MAML), Nichol et al. 2018 Table 1
-# (FOMAML, Reptile with transduction), Vinyals et al. 2016 Table 1 (Matching Networks).
+# (FOMAML, Reptile with transduction), Vinyals et al. 2016 Table 1 (Matching Networks); configs without a
+# published figure print "-".
 PUBLISHED = {
     "maml/omniglot_5w1s": 98.7,
     "maml/omniglot_5w5s": 99.9,
@@ -28,6 +29,18 @@ PUBLISHED = {
     "reptile/omniglot_5w5s": 99.48,
     "matchingnet/omniglot_5w1s": 98.1,
     "matchingnet/omniglot_5w5s": 98.9,
+    # Raghu et al. 2020 Table 2 (ANIL, Conv4); Antoniou et al. 2019 Table 1 (MAML++); Munkhdalai and Yu 2017
+    # Table 1 (Meta Networks). MetaOptNet (Lee et al. 2019) and the baselines (Chen et al. 2019, Tian et al.
+    # 2020) publish no Omniglot figure; R2-D2's Omniglot figures (Bertinetto et al. 2019, Table 1) are for
+    # its 96-192-384-512 network, not the 64-filter one of our configs.
+    "anil/omniglot_20w1s": 96.2,
+    "anil/omniglot_20w5s": 98.0,
+    "mamlpp/omniglot_5w1s": 99.47,
+    "mamlpp/omniglot_5w5s": 99.85,
+    "mamlpp/omniglot_20w1s": 97.65,
+    "mamlpp/omniglot_20w5s": 99.33,
+    "metanetwork/omniglot_5w1s": 98.95,
+    "metanetwork/omniglot_20w1s": 97.00,
 }
 
 
