@@ -54,6 +54,11 @@ def amx_flags() -> str:
     return " ".join(found) if found else "none"
 
 
+def full_network(s: dict) -> Conv4:
+    """The setting's Conv4 with its own classifier, as full MAML, MAML++ and learn2learn's MAML adapt it."""
+    return Conv4(s["channels"], s["hidden"], s["size"], s["ways"], s["pooling"], track_running_stats=False)
+
+
 def make_step(method: str, s: dict, bf16: bool, device: torch.device, train: bool = True) -> Callable[[], None]:
     torch.manual_seed(0)
     batch = random_episodes(s["tasks"], s["ways"], s["shots"], s["queries"], (s["channels"], s["size"], s["size"]))
@@ -83,8 +88,7 @@ def make_step(method: str, s: dict, bf16: bool, device: torch.device, train: boo
     if method == "learn2learn MAML":
         import learn2learn as l2l
 
-        full = Conv4(s["channels"], s["hidden"], s["size"], s["ways"], s["pooling"], track_running_stats=False)
-        maml = l2l.algorithms.MAML(full.to(device), lr=s["lr"])
+        maml = l2l.algorithms.MAML(full_network(s).to(device), lr=s["lr"])
         optimizer = torch.optim.Adam(maml.parameters(), 1e-3)
 
         def step() -> None:  # learn2learn's examples/vision/maml_omniglot.py: backward per task
@@ -105,11 +109,9 @@ def make_step(method: str, s: dict, bf16: bool, device: torch.device, train: boo
     elif method == "MAML adapt=head":
         model = MAML(body, *steps, head=head, adapt="head", task_batching="loop")
     elif method == "MAML++":
-        full = Conv4(s["channels"], s["hidden"], s["size"], s["ways"], s["pooling"], track_running_stats=False)
-        model = MAMLPlusPlus(full, *steps, first_order_epochs=0, task_batching="loop")
+        model = MAMLPlusPlus(full_network(s), *steps, first_order_epochs=0, task_batching="loop")
     else:
-        full = Conv4(s["channels"], s["hidden"], s["size"], s["ways"], s["pooling"], track_running_stats=False)
-        model = MAML(full, *steps, task_batching="loop")
+        model = MAML(full_network(s), *steps, task_batching="loop")
     model = model.to(device).train(train)
     optimizer = torch.optim.Adam(model.parameters(), 1e-3)
 
