@@ -1,19 +1,24 @@
-"""MAML-TRPO on 2D navigation: ours (MAMLRL) against learn2learn's ``examples/rl/maml_trpo.py`` recipe, same budget.
+"""MAML-TRPO on 2D navigation: ours (MAMLRL) against learn2learn's own ``examples/rl/maml_trpo.py``, same budget.
 
-    python benchmarks/maml_rl_navigation.py --iterations 100          # the comparison (Finn et al. 2017, Fig. 5)
-    python benchmarks/maml_rl_navigation.py --iterations 2 --tasks 2 --trajectories 2 --skip_learn2learn  # smoke
+    python benchmarks/maml_rl_navigation.py --iterations 100 \
+        --learn2learn_python /path/to/venv/bin/python --learn2learn_examples /path/to/learn2learn/examples/rl
+    python benchmarks/maml_rl_navigation.py --iterations 2 --tasks 2 --trajectories 2   # smoke, ours only
 
-Both: 2 x 100 tanh Gaussian policy, meta-batch ``--tasks`` goals, ``--trajectories`` episodes per
-task of 100 steps, one inner policy-gradient step with lr 0.1, linear feature baseline, GAE
-(gamma 0.99, lambda 1.0), TRPO meta-update with max KL 0.01. Ours runs under the Lightning
-Trainer through ``configs/maml_rl/navigation2d.yaml``; the post-adaptation return of every
-meta-iteration and the wall time per meta-iteration are printed. learn2learn's side needs
-``learn2learn`` and ``gym`` and runs its example's structure in :func:`learn2learn_maml_trpo`.
+Both: 2 x 100 Gaussian MLP policy (ours tanh as in Finn et al.; the example's ReLU), meta-batch
+``--tasks`` goals, ``--trajectories`` episodes per task of at most 100 steps (the example's
+Particles2D also ends an episode within 0.01 of the goal), one inner policy-gradient step with lr
+0.1, linear feature baseline, GAE (the example's gamma 0.95, lambda 1.0), TRPO meta-update with
+max KL 0.01. Ours runs under the Lightning Trainer in this process (torch's threads); the example
+runs unchanged in a subprocess with ``--learn2learn_workers`` environment processes. Printed: the
+post-adaptation return per meta-iteration (compare Finn et al. 2017, Figure 5) and the wall time
+per meta-iteration of each, as a ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import subprocess
 import time
 
 import lightning.pytorch as pl
@@ -38,12 +43,12 @@ class Curve(pl.Callback):
         self.rows.append((len(self.rows), post, time.perf_counter() - self._start))
 
 
-def ours(iterations: int, tasks: int, trajectories: int) -> list[tuple[int, float, float]]:
+def ours(iterations: int, tasks: int, trajectories: int, gamma: float) -> list[tuple[int, float, float]]:
     torch.manual_seed(0)
     data = Navigation2D(
         tasks_per_batch=tasks, train_episodes=tasks * iterations, val_episodes=tasks, test_episodes=tasks
     )
-    model = MAMLRL(trajectories=trajectories, inner_lr=0.1, outer="trpo", max_kl=0.01)
+    model = MAMLRL(trajectories=trajectories, inner_lr=0.1, outer="trpo", max_kl=0.01, gamma=gamma)
     curve = Curve()
     trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, inference_mode=False,
                          enable_progress_bar=False, limit_val_batches=0, callbacks=[curve],
@@ -52,101 +57,41 @@ def ours(iterations: int, tasks: int, trajectories: int) -> list[tuple[int, floa
     return curve.rows
 
 
-def learn2learn_maml_trpo(iterations: int, tasks: int, trajectories: int) -> list[tuple[int, float, float]]:
-    """The structure of learn2learn's examples/rl/maml_trpo.py on its Particles2DEnv, one environment at a time.
+LEARN2LEARN_RUNNER = """
+import sys, torch
+# cherry-rl 0.1.4's LinearValue calls torch.lstsq, which torch 2 removed: the same least squares.
+torch.lstsq = lambda b, A: (torch.linalg.lstsq(A, b).solution, None)
+sys.path.insert(0, sys.argv[1])
+import maml_trpo
+maml_trpo.main(num_iterations=int(sys.argv[2]), meta_bsz=int(sys.argv[3]), adapt_bsz=int(sys.argv[4]),
+               num_workers=int(sys.argv[5]), seed=42)
+"""
 
-    Per task: ``l2l.clone_module`` of the policy, episodes collected by stepping the gym environment in
-    Python, one second-order ``l2l.algorithms.maml.maml_update`` step (first order while sampling, as
-    in the example), then the TRPO meta-step over per-task surrogate losses re-adapted from the policy.
-    cherry-rl 0.2 does not import with gym 0.26 (its video recorder), so its few helpers (discounting,
-    GAE, the linear value baseline, conjugate gradient) come from lightning_meta.rl instead: the same
-    formulas, applied per task exactly as the example applies cherry's.
+
+def learn2learn_maml_trpo(
+    python: str, examples: str, iterations: int, tasks: int, trajectories: int, workers: int
+) -> list[tuple[int, float, float]]:
+    """learn2learn's own ``examples/rl/maml_trpo.py``, unchanged, in a subprocess: its printed rewards, timed.
+
+    ``examples`` is a learn2learn checkout's ``examples/rl`` folder; ``python`` an interpreter with
+    learn2learn 0.2.0, ``gym==0.22.0`` and ``cherry-rl==0.1.4`` (the example's API; newer gym drops
+    ``gym.wrappers.Monitor``, which cherry imports). The example prints ``adaptation_reward`` (the
+    mean post-adaptation return) after sampling each meta-iteration; the time between two prints is
+    one meta-iteration (the TRPO step of one, the sampling of the next).
     """
-    import learn2learn as l2l
-    from learn2learn.gym.envs.particles import Particles2DEnv
-    from torch import autograd, nn
-    from torch.distributions import Independent, Normal, kl_divergence
-
-    from lightning_meta.rl import conjugate_gradient, discounted_returns, gae, linear_baseline, normalize
-
-    class Policy(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.mean = nn.Sequential(nn.Linear(2, 100), nn.Tanh(), nn.Linear(100, 100), nn.Tanh(), nn.Linear(100, 2))
-            self.log_std = nn.Parameter(torch.zeros(2))
-
-        def density(self, obs: torch.Tensor) -> Independent:
-            return Independent(Normal(self.mean(obs), self.log_std.exp()), 1)
-
-    def run(env, policy, goal) -> dict[str, torch.Tensor]:
-        record: dict[str, list] = {"obs": [], "actions": [], "rewards": []}
-        for _ in range(trajectories):
-            env.set_task({"goal": goal})
-            obs = env.reset()
-            for _ in range(100):
-                with torch.no_grad():
-                    action = policy.density(torch.as_tensor(obs, dtype=torch.float32)).sample()
-                next_obs, reward, _, _ = env.step(action.numpy())
-                record["obs"].append(torch.as_tensor(obs, dtype=torch.float32))
-                record["actions"].append(action)
-                record["rewards"].append(float(reward))
-                obs = next_obs
-        return {"obs": torch.stack(record["obs"]).reshape(1, trajectories, 100, 2),
-                "actions": torch.stack(record["actions"]).reshape(1, trajectories, 100, 2),
-                "rewards": torch.tensor(record["rewards"]).reshape(1, trajectories, 100)}  # fmt: skip
-
-    def advantages(episodes: dict[str, torch.Tensor]) -> torch.Tensor:
-        dones = torch.zeros_like(episodes["rewards"])
-        values = linear_baseline(episodes["obs"], discounted_returns(episodes["rewards"], dones, 0.99))
-        return normalize(gae(episodes["rewards"], values, dones, 0.99, 1.0))
-
-    def adapt(clone, episodes, second_order: bool):
-        loss = -(clone.density(episodes["obs"]).log_prob(episodes["actions"]) * advantages(episodes)).mean()
-        grads = autograd.grad(loss, clone.parameters(), create_graph=second_order, retain_graph=second_order)
-        return l2l.algorithms.maml.maml_update(clone, 0.1, grads)
-
-    def surrogate(policy, replays, olds):
-        losses, kls = [], []
-        for (train, valid), old in zip(replays, olds, strict=True):
-            new = adapt(l2l.clone_module(policy), train, True)
-            new_density, old_density = new.density(valid["obs"]), old.density(valid["obs"])
-            ratio = (new_density.log_prob(valid["actions"]) - old_density.log_prob(valid["actions"]).detach()).exp()
-            losses.append(-(ratio * advantages(valid)).mean())
-            kls.append(kl_divergence(new_density, old_density).mean())
-        return torch.stack(losses).mean(), torch.stack(kls).mean()
-
-    torch.manual_seed(0)
-    env, policy, rows = Particles2DEnv(), Policy(), []
-    params = list(policy.parameters())
-    for iteration in range(iterations):
-        start = time.perf_counter()
-        replays, olds, post = [], [], 0.0
-        for task in env.sample_tasks(tasks):
-            clone = l2l.clone_module(policy)
-            train = run(env, clone, task["goal"])
-            clone = adapt(clone, train, False)
-            valid = run(env, clone, task["goal"])
-            post += float(valid["rewards"].sum()) / trajectories / tasks
-            replays.append((train, valid))
-            olds.append(clone)
-        loss, kl = surrogate(policy, replays, olds)
-        grad = torch.cat([g.reshape(-1) for g in autograd.grad(loss, params, retain_graph=True)])
-        kl_grad = torch.cat([g.reshape(-1) for g in autograd.grad(kl, params, create_graph=True)])
-
-        def fisher(v: torch.Tensor, kl_grad: torch.Tensor = kl_grad) -> torch.Tensor:
-            return torch.cat([g.reshape(-1) for g in autograd.grad(kl_grad @ v, params, retain_graph=True)]) + 1e-5 * v
-
-        step = conjugate_gradient(fisher, grad)
-        step = step / torch.sqrt(0.5 * (step @ fisher(step)) / 0.01)
-        old_params = torch.cat([p.detach().reshape(-1) for p in params])
-        for i in range(15):
-            torch.nn.utils.vector_to_parameters(old_params - 0.5**i * step, params)
-            new_loss, new_kl = surrogate(policy, replays, olds)
-            if new_loss < loss and new_kl < 0.01:
-                break
-        else:
-            torch.nn.utils.vector_to_parameters(old_params, params)
-        rows.append((iteration, post, time.perf_counter() - start))
+    command = [python, "-u", "-c", LEARN2LEARN_RUNNER, examples, str(iterations), str(tasks), str(trajectories),
+               str(workers)]  # fmt: skip
+    rows: list[tuple[int, float, float]] = []
+    last = time.perf_counter()
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as process:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if line.startswith("adaptation_reward"):
+                now = time.perf_counter()
+                rows.append((len(rows), float(line.split()[1]), now - last))
+                last = now
+    if process.returncode != 0 or len(rows) != iterations:
+        raise RuntimeError(f"learn2learn's maml_trpo.py failed (exit {process.returncode}, {len(rows)} iterations)")
     return rows
 
 
@@ -155,16 +100,29 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=100)
     parser.add_argument("--tasks", type=int, default=20)
     parser.add_argument("--trajectories", type=int, default=20)
-    parser.add_argument("--skip_learn2learn", action="store_true")
+    parser.add_argument("--gamma", type=float, default=0.95, help="discount (the learn2learn example's 0.95)")
+    parser.add_argument("--learn2learn_python", help="interpreter with learn2learn, gym==0.22.0, cherry-rl==0.1.4")
+    parser.add_argument("--learn2learn_examples", help="a learn2learn checkout's examples/rl folder")
+    parser.add_argument("--learn2learn_workers", type=int, default=2, help="the example's environment processes")
+    parser.add_argument("--every", type=int, default=10, help="print every this many meta-iterations")
     args = parser.parse_args()
-    runs = {"ours (MAMLRL, TRPO)": ours(args.iterations, args.tasks, args.trajectories)}
-    if not args.skip_learn2learn:
-        runs["learn2learn maml_trpo"] = learn2learn_maml_trpo(args.iterations, args.tasks, args.trajectories)
-    print("| implementation | meta-iteration | post-adaptation return | wall s / iteration |")
-    print("|---|---|---|---|")
-    for name, rows in runs.items():
-        for i, post, seconds in rows:
-            print(f"| {name} | {i} | {post:.2f} | {seconds:.2f} |")
+    runs = {"ours (MAMLRL, TRPO)": ours(args.iterations, args.tasks, args.trajectories, args.gamma)}
+    if args.learn2learn_python and args.learn2learn_examples:
+        runs["learn2learn examples/rl/maml_trpo.py"] = learn2learn_maml_trpo(
+            args.learn2learn_python, args.learn2learn_examples, args.iterations, args.tasks, args.trajectories,
+            args.learn2learn_workers,
+        )  # fmt: skip
+    names = list(runs)
+    print("| meta-iteration | " + " | ".join(f"{n}: post-adaptation return" for n in names) + " |")
+    print("|---" * (len(names) + 1) + "|")
+    for i in range(args.iterations):
+        if i % args.every == 0 or i == args.iterations - 1:
+            print(f"| {i} | " + " | ".join(f"{runs[n][i][1]:.2f}" for n in names) + " |")
+    print("\n| implementation | wall s / meta-iteration (mean of 1..end) | ratio to ours |")
+    print("|---|---|---|")
+    mean = {n: statistics.mean(r[2] for r in runs[n][1:]) for n in names}
+    for n in names:
+        print(f"| {n} | {mean[n]:.2f} | {mean[n] / mean[names[0]]:.2f}x |")
 
 
 if __name__ == "__main__":

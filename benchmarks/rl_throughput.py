@@ -5,9 +5,11 @@
 
 Ours: ``datamodules.rl.Navigation2DEnv`` steps every task and trajectory of a meta-batch as one
 tensor operation (random actions, no policy), and ``HalfCheetahEnv`` steps gymnasium's
-``HalfCheetah-v5`` copies in this process. learn2learn: ``learn2learn.gym``'s ``Particles2DEnv``
-(the 2D navigation of its ``maml_trpo.py`` example), one environment stepped in a Python loop, as
-its examples' ``cherry`` runner does per environment (needs ``gym``; ``cherry-rl`` is not used here).
+``HalfCheetah-v5`` copies in this process (``env_workers=1``) or in chunks over worker processes
+(``env_workers=2``: gymnasium's ``AsyncVectorEnv``, one chunk per process; start-up not timed).
+learn2learn: ``learn2learn.gym``'s ``Particles2DEnv`` (the 2D navigation of its ``maml_trpo.py``
+example), one environment stepped in a Python loop, as its examples' ``cherry`` runner does per
+environment (needs ``gym``; ``cherry-rl`` is not used here).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ def main() -> None:
     parser.add_argument("--trajectories", type=int, default=20)
     parser.add_argument("--horizon", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="MuJoCo worker processes to try")
     parser.add_argument("--skip_mujoco", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -64,10 +67,12 @@ def main() -> None:
     l2l = learn2learn_navigation(args.tasks * args.trajectories * args.horizon // 10)
     if l2l is not None:
         print(f"| Navigation2D | learn2learn Particles2DEnv | 1 | {l2l:,.0f} |")
-    if not args.skip_mujoco:
-        cheetah = ours(HalfCheetahVel().env, *n)
-        print(f"| HalfCheetahVel | ours (gymnasium SyncVectorEnv, 1 process) | {args.tasks * args.trajectories} | "
-              f"{cheetah:,.0f} |")  # fmt: skip
+    for workers in [] if args.skip_mujoco else args.workers:
+        env = HalfCheetahVel(env_workers=workers).env
+        cheetah = ours(env, *n)
+        env.close()
+        where = "in this process" if workers == 1 else f"{workers} worker processes"
+        print(f"| HalfCheetahVel | ours (gymnasium, {where}) | {args.tasks * args.trajectories} | {cheetah:,.0f} |")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,9 @@ class TaskEnv:
         """Apply ``[B, n, A]`` actions (``[B, n]`` indices when discrete): ``(obs, reward [B, n], done [B, n])``."""
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Release simulators and worker processes (the datamodule's ``teardown`` calls it)."""
+
 
 class _TaskSource:
     """Adapts :meth:`TaskEnv.sample_tasks` to the ``sample(num_tasks, generator)`` of episode sources."""
@@ -117,6 +120,10 @@ class TaskDistribution(EpisodicDataModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         return batch
+
+    def teardown(self, stage: str) -> None:
+        super().teardown(stage)
+        self.env.close()
 
 
 __all__ = ["TaskDistribution", "TaskEnv", "TaskStream"]

@@ -6,6 +6,7 @@ imported only when an environment is built, so the rest of the library imports w
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -27,28 +28,77 @@ def _gymnasium() -> Any:
     return gymnasium
 
 
+class _Copies:
+    """``size`` HalfCheetah copies: one chunk in this process, or one chunk per worker process.
+
+    Workers run gymnasium's ``AsyncVectorEnv`` (``spawn`` start method: safe beside torch's threads
+    and CUDA) over equal chunks; the last chunk is padded with copies whose results are dropped.
+    """
+
+    def __init__(self, size: int, workers: int, horizon: int) -> None:
+        gymnasium = _gymnasium()
+        from ._cheetah_chunk import make_chunk
+
+        self.size = size
+        chunks = min(workers, size)
+        self.per = -(-size // chunks)
+        if chunks == 1:
+            self.vector = None
+            self.chunk = make_chunk(size, 0, horizon)
+        else:
+            fns = [partial(make_chunk, self.per, w * self.per, horizon) for w in range(chunks)]
+            self.vector = gymnasium.vector.AsyncVectorEnv(fns, context="spawn")
+        self.chunks = chunks
+
+    def reset(self, seed: int) -> np.ndarray:
+        if self.vector is None:
+            return self.chunk.reset(options={"seed": seed})[0]
+        obs, _ = self.vector.reset(options={"seed": seed})
+        return obs.reshape(-1, 18)[: self.size]
+
+    def step(self, actions: np.ndarray) -> np.ndarray:
+        if self.vector is None:
+            return self.chunk.step(actions)[0]
+        padded = np.zeros((self.chunks * self.per, actions.shape[1]), dtype=np.float32)
+        padded[: self.size] = actions
+        obs = self.vector.step(padded.reshape(self.chunks, self.per, -1))[0]
+        return obs.reshape(-1, 18)[: self.size]
+
+    def close(self) -> None:
+        (self.chunk if self.vector is None else self.vector).close()
+
+
 class HalfCheetahEnv(TaskEnv):
     """``HalfCheetah-v5`` copies, one per task and trajectory, with the reward of the task family.
 
     The reward is recomputed from the forward velocity (gymnasium's ``info["x_velocity"]``) and
     the action: ``-|v - target| - 0.05 |a|^2`` (velocity) or ``direction * v - 0.05 |a|^2``
-    (direction), as in Finn et al. 2017. Environments step in this process (a gymnasium
-    ``SyncVectorEnv``), built once per batch size.
+    (direction), as in Finn et al. 2017. With ``workers=1`` the copies step in this process; with
+    more, each of ``workers`` processes steps a chunk of them. Copy ``i`` is reset with seed
+    ``seed + i`` either way, so the number of workers does not change a rollout.
     """
 
     obs_dim = 17
     action_dim = 6
     ctrl_cost = 0.05
 
-    def __init__(self, family: str, horizon: int = 200, velocity: tuple[float, float] = (0.0, 2.0)) -> None:
+    def __init__(
+        self, family: str, horizon: int = 200, velocity: tuple[float, float] = (0.0, 2.0), workers: int = 1
+    ) -> None:
         if family not in ("velocity", "direction"):
             raise ValueError(f"family={family!r} must be 'velocity' or 'direction'")
-        self.family, self.horizon, self.velocity = family, horizon, velocity
-        self._envs: dict[int, Any] = {}
-        self._current: Any = None
+        if workers < 1:
+            raise ValueError(f"env_workers={workers} must be at least 1 (1 steps the copies in this process)")
+        self.family, self.horizon, self.velocity, self.workers = family, horizon, velocity, workers
+        self._envs: dict[int, _Copies] = {}
+        self._current: _Copies | None = None
         self.tasks: Tensor | None = None
         self._shape: tuple[int, int] = (0, 0)
         self.last_velocity: Tensor | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Simulators and worker processes do not pickle (ddp_spawn, deepcopy); they are rebuilt on use.
+        return {**self.__dict__, "_envs": {}, "_current": None}
 
     def sample_tasks(self, num_tasks: int, generator: torch.Generator) -> Tensor:
         u = torch.rand(num_tasks, 1, generator=generator)
@@ -57,19 +107,23 @@ class HalfCheetahEnv(TaskEnv):
         low, high = self.velocity
         return low + u * (high - low)
 
-    def _vector_env(self, size: int) -> Any:
+    def _copies(self, size: int) -> _Copies:
         if size not in self._envs:
-            gymnasium = _gymnasium()
-            self._envs[size] = gymnasium.make_vec("HalfCheetah-v5", num_envs=size, vectorization_mode="sync")
+            self._envs[size] = _Copies(size, self.workers, self.horizon)
         return self._envs[size]
+
+    def close(self) -> None:
+        for copies in self._envs.values():
+            copies.close()
+        self._envs, self._current = {}, None
 
     def reset(self, tasks: Tensor, trajectories: int, generator: torch.Generator | None = None) -> Tensor:
         self._shape = (tasks.shape[0], trajectories)
         self.tasks = tasks.float()[:, None, 0].expand(-1, trajectories)
-        self._current = self._vector_env(tasks.shape[0] * trajectories)
+        self._current = self._copies(tasks.shape[0] * trajectories)
         seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
-        obs, _ = self._current.reset(seed=seed)
-        return self._tensor(obs, tasks).reshape(*self._shape, self.obs_dim)
+        rows = self._current.reset(seed)
+        return self._tensor(rows[:, : self.obs_dim], tasks).reshape(*self._shape, self.obs_dim)
 
     def _tensor(self, array: np.ndarray, like: Tensor) -> Tensor:
         return torch.as_tensor(np.asarray(array, dtype=np.float32)).to(like.device)
@@ -86,10 +140,10 @@ class HalfCheetahEnv(TaskEnv):
         if self._current is None or self.tasks is None:
             raise RuntimeError("HalfCheetahEnv.step before reset(tasks, trajectories)")
         clipped = actions.detach().float().clamp(-1, 1)
-        obs, _, _, _, info = self._current.step(clipped.reshape(-1, self.action_dim).cpu().numpy())
-        self.last_velocity = self._tensor(info["x_velocity"], actions).reshape(self._shape)
+        rows = self._tensor(self._current.step(clipped.reshape(-1, self.action_dim).cpu().numpy()), actions)
+        self.last_velocity = rows[:, self.obs_dim].reshape(self._shape)
         reward = self.reward(self.last_velocity, clipped)
-        return self._tensor(obs, actions).reshape(*self._shape, self.obs_dim), reward, torch.zeros_like(reward)
+        return rows[:, : self.obs_dim].reshape(*self._shape, self.obs_dim), reward, torch.zeros_like(reward)
 
 
 class HalfCheetahVel(TaskDistribution):
@@ -98,6 +152,8 @@ class HalfCheetahVel(TaskDistribution):
     Args:
         velocity_min, velocity_max: the target velocities ([0, 2] in the paper).
         horizon: steps per episode (200 in the paper).
+        env_workers: processes stepping the simulator copies (1: this process); see
+            ``benchmarks/rl_throughput.py`` for what a second one buys.
         **kwargs: the task settings of :class:`~datamodules.rl.base.TaskDistribution`
             (``tasks_per_batch``, ``train_episodes``, ``val_episodes``, ``test_episodes``, ``seed``).
     """
@@ -107,12 +163,13 @@ class HalfCheetahVel(TaskDistribution):
         velocity_min: float = 0.0,
         velocity_max: float = 2.0,
         horizon: PositiveInt = 200,
+        env_workers: PositiveInt = 1,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         if not velocity_min <= velocity_max:
             raise ValueError(f"velocity_min={velocity_min} must not exceed velocity_max={velocity_max}")
-        self.env = HalfCheetahEnv("velocity", int(horizon), (velocity_min, velocity_max))
+        self.env = HalfCheetahEnv("velocity", int(horizon), (velocity_min, velocity_max), int(env_workers))
 
 
 class HalfCheetahDir(TaskDistribution):
@@ -120,6 +177,8 @@ class HalfCheetahDir(TaskDistribution):
 
     Args:
         horizon: steps per episode (200 in the paper).
+        env_workers: processes stepping the simulator copies (1: this process); see
+            ``benchmarks/rl_throughput.py`` for what a second one buys.
         **kwargs: the task settings of :class:`~datamodules.rl.base.TaskDistribution`
             (``tasks_per_batch``, ``train_episodes``, ``val_episodes``, ``test_episodes``, ``seed``).
     """
@@ -127,7 +186,8 @@ class HalfCheetahDir(TaskDistribution):
     def __init__(
         self,
         horizon: PositiveInt = 200,
+        env_workers: PositiveInt = 1,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.env = HalfCheetahEnv("direction", int(horizon))
+        self.env = HalfCheetahEnv("direction", int(horizon), workers=int(env_workers))

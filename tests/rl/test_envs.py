@@ -1,5 +1,7 @@
 """Task environments: hand-computed transitions and rewards, seeded tasks, the MuJoCo families' rewards."""
 
+import copy
+
 import pytest
 import torch
 
@@ -88,3 +90,21 @@ def test_halfcheetah_resets_steps_and_rewards_follow_the_task(family):
     at_target = env.reward(tasks.expand(2, 2) if family is HalfCheetahVel else tasks.expand(2, 2), torch.zeros(2, 2, 6))
     still = env.reward(torch.zeros(2, 2), torch.zeros(2, 2, 6))
     assert (at_target > still).all()
+
+
+def test_halfcheetah_worker_processes_give_the_same_rollouts_as_one_process():
+    tasks = torch.tensor([[0.5], [1.0], [1.5]])  # 9 copies over 2 workers: the last chunk is padded
+    actions = torch.randn(6, 3, 3, 6, generator=torch.Generator().manual_seed(1))
+    results = []
+    for workers in (1, 2):
+        env = HalfCheetahVel(horizon=6, env_workers=workers).env
+        first = env.reset(tasks, 3, torch.Generator().manual_seed(0))
+        steps = [env.step(a) for a in actions]
+        clone = copy.deepcopy(env)  # simulators and worker processes are not copied; rebuilt on use
+        env.close()
+        assert env._envs == {} and clone._envs == {}
+        results.append((first, *(torch.stack(x) for x in zip(*steps, strict=True))))
+    for one, two in zip(*results, strict=True):
+        assert torch.equal(one, two)
+    with pytest.raises(ValueError, match="env_workers=0"):
+        HalfCheetahDir(env_workers=0)
