@@ -70,6 +70,14 @@ def test_readme_quick_start_names_real_files():
         assert (REPO / config).exists(), config
 
 
+def test_readme_relative_links_and_pictures_exist():
+    targets = re.findall(r"\]\(([^)#\s]+)\)", README)
+    local = [t for t in targets if not re.match(r"[a-z]+:", t)]
+    assert any(t.endswith(".png") for t in local), "the README lost its pictures"
+    for target in local:
+        assert (REPO / target).exists(), target
+
+
 @pytest.mark.parametrize("words", [c for c in commands() if c[0] in ("fit", "test", "validate")], ids=" ".join)
 def test_readme_cli_commands_parse(words, tmp_path, monkeypatch, capsys):
     """Every fit/test command's config exists and every key it sets is accepted (nothing is run)."""
