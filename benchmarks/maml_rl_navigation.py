@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import subprocess
+import tempfile
 import time
 
 import lightning.pytorch as pl
@@ -83,15 +84,18 @@ def learn2learn_maml_trpo(
                str(workers)]  # fmt: skip
     rows: list[tuple[int, float, float]] = []
     last = time.perf_counter()
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as process:
-        assert process.stdout is not None
-        for line in process.stdout:
-            if line.startswith("adaptation_reward"):
-                now = time.perf_counter()
-                rows.append((len(rows), float(line.split()[1]), now - last))
-                last = now
-    if process.returncode != 0 or len(rows) != iterations:
-        raise RuntimeError(f"learn2learn's maml_trpo.py failed (exit {process.returncode}, {len(rows)} iterations)")
+    with tempfile.TemporaryFile("w+") as errors:
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, text=True) as process:
+            assert process.stdout is not None
+            for line in process.stdout:
+                if line.startswith("adaptation_reward"):
+                    now = time.perf_counter()
+                    rows.append((len(rows), float(line.split()[1]), now - last))
+                    last = now
+        if process.returncode != 0 or len(rows) != iterations:
+            errors.seek(0)
+            raise RuntimeError(f"learn2learn's maml_trpo.py failed (exit {process.returncode}, {len(rows)} "
+                               f"iterations); the end of its stderr:\n{errors.read()[-3000:]}")  # fmt: skip
     return rows
 
 

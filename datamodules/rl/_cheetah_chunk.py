@@ -40,8 +40,3 @@ class CheetahChunk(gymnasium.Env):
     def close(self) -> None:
         for env in self.envs:
             env.close()
-
-
-def make_chunk(count: int, first: int, horizon: int) -> CheetahChunk:
-    """The environment factory handed to ``AsyncVectorEnv`` (picklable for the ``spawn`` start method)."""
-    return CheetahChunk(count, first, horizon)

@@ -29,43 +29,37 @@ def _gymnasium() -> Any:
 
 
 class _Copies:
-    """``size`` HalfCheetah copies: one chunk in this process, or one chunk per worker process.
+    """``size`` HalfCheetah copies as a gymnasium vector environment of equal chunks.
 
-    Workers run gymnasium's ``AsyncVectorEnv`` (``spawn`` start method: safe beside torch's threads
-    and CUDA) over equal chunks; the last chunk is padded with copies whose results are dropped.
+    One chunk steps in this process (``SyncVectorEnv``), or one chunk per worker process
+    (``AsyncVectorEnv``, ``spawn`` start method: safe beside torch's threads and CUDA); the last
+    chunk is padded with copies whose results are dropped.
     """
 
     def __init__(self, size: int, workers: int, horizon: int) -> None:
         gymnasium = _gymnasium()
-        from ._cheetah_chunk import make_chunk
+        from ._cheetah_chunk import CheetahChunk
 
-        self.size = size
-        chunks = min(workers, size)
+        self.size, chunks = size, min(workers, size)
         self.per = -(-size // chunks)
-        if chunks == 1:
-            self.vector = None
-            self.chunk = make_chunk(size, 0, horizon)
-        else:
-            fns = [partial(make_chunk, self.per, w * self.per, horizon) for w in range(chunks)]
-            self.vector = gymnasium.vector.AsyncVectorEnv(fns, context="spawn")
+        fns = [partial(CheetahChunk, self.per, w * self.per, horizon) for w in range(chunks)]
+        vector = gymnasium.vector
+        self.vector = vector.SyncVectorEnv(fns) if chunks == 1 else vector.AsyncVectorEnv(fns, context="spawn")
         self.chunks = chunks
 
+    def _rows(self, obs: np.ndarray) -> np.ndarray:
+        return obs.reshape(self.chunks * self.per, -1)[: self.size]
+
     def reset(self, seed: int) -> np.ndarray:
-        if self.vector is None:
-            return self.chunk.reset(options={"seed": seed})[0]
-        obs, _ = self.vector.reset(options={"seed": seed})
-        return obs.reshape(-1, 18)[: self.size]
+        return self._rows(self.vector.reset(options={"seed": seed})[0])
 
     def step(self, actions: np.ndarray) -> np.ndarray:
-        if self.vector is None:
-            return self.chunk.step(actions)[0]
         padded = np.zeros((self.chunks * self.per, actions.shape[1]), dtype=np.float32)
         padded[: self.size] = actions
-        obs = self.vector.step(padded.reshape(self.chunks, self.per, -1))[0]
-        return obs.reshape(-1, 18)[: self.size]
+        return self._rows(self.vector.step(padded.reshape(self.chunks, self.per, -1))[0])
 
     def close(self) -> None:
-        (self.chunk if self.vector is None else self.vector).close()
+        self.vector.close()
 
 
 class HalfCheetahEnv(TaskEnv):
