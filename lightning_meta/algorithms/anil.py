@@ -40,7 +40,11 @@ class ANIL(GradientModule):
     Args:
         backbone: the body, images to ``[N, D]`` features, without a classifier of its own.
         head: the layer that adapts, e.g. ``torch.nn.Linear(backbone.embedding_dim, ways)``.
-        inner_lr: step size of the default inner SGD; unused with ``inner_optimizer``.
+        inner_lr: step size of the default inner SGD; unused with ``inner_optimizer``. The inner loss is the
+            mean cross-entropy over the N*K support images (as learn2learn's); Finn et al.'s code, whose step
+            sizes Raghu et al. reuse, sums it and divides by the shots, so its step sizes are ``ways`` times
+            ours (its 0.1 at 20-way is 2.0 here). Only the head adapts, so too small a step leaves the adapted
+            head near its initialisation and ANIL at the accuracy of untrained features.
         inner_steps: inner steps during training.
         inner_steps_eval: inner steps during validation, test and predict.
         first_order: drop the second-order terms.
