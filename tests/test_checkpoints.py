@@ -110,6 +110,8 @@ def test_a_crafted_checkpoint_runs_nothing_via_test_predict_or_load_checkpoint(
         assert not marker.exists()
     with pytest.raises(ValueError, match=r"crafted.ckpt' was not loaded: it names io.open.*--trust_checkpoint"):
         load_checkpoint(path)
+    with pytest.raises(ValueError, match=r"crafted.ckpt' was not loaded"):  # the Trainer's own reader in the CLI
+        SafeCheckpointIO().load_checkpoint(path)
     assert not marker.exists()
 
 
