@@ -25,7 +25,16 @@ from .augment import random_crop_flip
 from .base import PositiveInt
 from .download import Remote, download
 from .episodes import ClassImages
-from .images import ARCHIVE_ERRORS, CachedImageBundle, damaged_archive, group_by_label, resize_images, warn_class_counts
+from .images import (
+    ARCHIVE_ERRORS,
+    CachedImageBundle,
+    UnsafePickleError,
+    damaged_archive,
+    group_by_label,
+    load_pickle,
+    resize_images,
+    warn_class_counts,
+)
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 ARCHIVE = "cifar-100-python.tar.gz"
@@ -62,7 +71,9 @@ def _text(value: Any) -> str:
 
 def _unpickle(stream: IO[bytes], source: str) -> dict[str, Any]:
     try:
-        content = pickle.load(stream, encoding="bytes")
+        content = load_pickle(stream, encoding="bytes")
+    except UnsafePickleError as err:
+        raise ValueError(f"{source} was not loaded: {err}; use the official {ARCHIVE}") from err
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, zlib.error, OSError) as err:
         raise ValueError(
             f"cannot read {source} ({err}); the file is corrupt: delete it and download it again "

@@ -20,7 +20,7 @@ import zipfile
 import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import IO, Any, ClassVar
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from PIL import Image
 from .augment import random_crop_flip
 from .base import EmptySplitError, EpisodicDataModule, PositiveInt
 from .episodes import SPLITS, ClassImages
+from .files import WriteError, atomic_file
 
 #: File name endings that PIL can open; other files in an image folder (notes, lists) are skipped.
 IMAGE_EXTENSIONS = frozenset(ext.lower() for ext in Image.registered_extensions())
@@ -76,14 +77,16 @@ def load_cache(path: Path, version: int, stamp: Any) -> dict[str, Any] | None:
 
 
 def save_cache(path: Path, content: dict[str, Any], what: str) -> None:
-    """Write ``content`` to ``path`` atomically (a reader never sees half a file); warn when it cannot."""
+    """Write ``content`` to ``path`` atomically (see :func:`~datamodules.files.atomic_file`); warn when it cannot.
+
+    A cache that cannot be written (a full disk, a read-only folder) is not fatal: the data is in
+    memory already, and the next run tries again. The warning names the file and the free space.
+    """
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(content, tmp)
-        tmp.replace(path)
-    except OSError as err:
-        warnings.warn(f"could not write the {what} cache {path} ({err}); set cache_dir=", stacklevel=3)
+        with atomic_file(path, f"{what} image cache") as f:
+            torch.save(content, f)
+    except WriteError as err:
+        warnings.warn(f"{err}; set cache_dir= to a folder with room", stacklevel=3)
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -333,15 +336,61 @@ class CachedImageBundle(EpisodicDataModule):
         return random_crop_flip(images) if self.augment else images
 
 
-def read_pickle(path: Path) -> Any:
-    """Unpickle ``path`` (Python 2 pickles too); ValueError naming the file when it is not a readable pickle.
+#: What a dataset pickle may name besides lists, dicts, strings, bytes and numbers: numpy arrays,
+#: their dtypes and scalars (under numpy 1's and 2's module names), and the helper with which
+#: Python 3 writes bytes in protocol 2. Nothing here runs code of the file's choosing.
+NUMPY_CORE = ("numpy.core", "numpy._core")  # numpy 1 and numpy 2
+PICKLE_GLOBALS = frozenset(
+    [
+        *((f"{core}.multiarray", name) for core in NUMPY_CORE for name in ("_reconstruct", "scalar")),
+        *((f"{core}.numeric", "_frombuffer") for core in NUMPY_CORE),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+        ("collections", "OrderedDict"),
+    ]
+)
 
-    Pickles can run code when loaded: only read files from a source you trust.
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """A pickle names something other than arrays, lists, dicts, strings and numbers (:data:`PICKLE_GLOBALS`)."""
+
+
+class ArrayUnpickler(pickle.Unpickler):
+    """An unpickler that builds only numpy arrays, lists, dicts, strings, bytes and numbers.
+
+    A pickle can name any importable function and call it while loading (``os.system``, ``open``);
+    the published dataset pickles (mini/tiered-ImageNet, CIFAR) need none of that, so any name
+    outside :data:`PICKLE_GLOBALS` raises :class:`UnsafePickleError` before it is imported.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in PICKLE_GLOBALS:
+            return super().find_class(module, name)
+        raise UnsafePickleError(
+            f"it names {module}.{name}, which unpickling would import and may call; a dataset pickle holds only "
+            "arrays, lists, dicts, strings and numbers, so it was refused"
+        )
+
+
+def load_pickle(stream: IO[bytes], encoding: str = "latin1") -> Any:
+    """Unpickle ``stream`` with :class:`ArrayUnpickler`; ``encoding`` decodes Python 2 ``str`` ("bytes" keeps them)."""
+    return ArrayUnpickler(stream, encoding=encoding).load()
+
+
+def read_pickle(path: Path) -> Any:
+    """Unpickle ``path`` as data (Python 2 pickles too, see :class:`ArrayUnpickler`); ValueError naming the file.
+
+    The error says whether the file is unreadable (corrupt, truncated) or refused (it would run code).
     """
     try:
         with path.open("rb") as f:
             # latin1 reads the numpy arrays and str of Python 2 pickles, the form most of these files have.
-            return pickle.load(f, encoding="latin1")
+            return load_pickle(f, encoding="latin1")
+    except UnsafePickleError as err:
+        raise ValueError(
+            f"{path} was not loaded: {err}; get the file again from the dataset's official source"
+        ) from err
     except Exception as err:
         raise ValueError(
             f"{path} is not a readable pickle ({type(err).__name__}: {err}); the file is corrupt or "
@@ -353,6 +402,9 @@ __all__ = [
     "ARCHIVE_ERRORS",
     "CachedImageBundle",
     "IMAGE_EXTENSIONS",
+    "PICKLE_GLOBALS",
+    "ArrayUnpickler",
+    "UnsafePickleError",
     "cache_folder",
     "check_hwc",
     "class_offsets",
@@ -364,6 +416,7 @@ __all__ = [
     "group_by_label",
     "inverted",
     "load_cache",
+    "load_pickle",
     "read_pickle",
     "read_zip_member",
     "resize_images",

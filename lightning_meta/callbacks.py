@@ -15,6 +15,7 @@ A Trainer without them logs none of these (the module still logs its losses and 
 from __future__ import annotations
 
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from torch import Tensor
 from torchvision.utils import make_grid
 
 from datamodules.episodes import EpisodeBatch, as_episode_batch
+from datamodules.files import format_bytes
 
 from .base import EpisodeOutput
 
@@ -423,6 +425,85 @@ class InterruptCheckpoint(pl.Callback):
             trainer.strategy.remove_checkpoint(self.ckpt_path)
 
 
+#: The datamodule settings that set how much memory one batch takes, in the order a user would lower them.
+BATCH_SETTINGS = ("tasks_per_batch", "ways", "shots", "queries", "train_ways", "train_shots", "train_queries",
+                  "image_size", "batch_size")  # fmt: skip
+
+
+def allocation_failure(error: BaseException) -> BaseException | None:
+    """The out-of-memory error in ``error``'s chain (CUDA, the CPU allocator, MemoryError), or None."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = str(current)
+        if isinstance(current, MemoryError | torch.OutOfMemoryError) or (
+            isinstance(current, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text
+                                                   or "not enough memory" in text)
+        ):  # fmt: skip
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def out_of_memory_message(error: BaseException) -> str | None:
+    """One line for an allocation failure: the memory asked for and the settings that set it; None for others.
+
+    The settings are those :class:`OutOfMemoryReport` attached to the error during the run.
+    """
+    failure = allocation_failure(error)
+    if failure is None:
+        return None
+    text = str(failure)
+    asked = re.search(r"(?:tried|Tried) to allocate (\d+) bytes", text)
+    size = format_bytes(int(asked.group(1))) if asked else None
+    if size is None:
+        found = re.search(r"Tried to allocate ([\d.]+ ?[KMGT]i?B)", text)
+        size = found.group(1) if found else None
+    settings = getattr(failure, "batch_settings", None) or getattr(error, "batch_settings", None)
+    line = f"out of memory: an allocation of {size} failed" if size else "out of memory"
+    line += f" ({type(failure).__name__}: {text.strip().splitlines()[0][:200] if text.strip() else 'no message'})"
+    if settings:
+        line += (
+            f". One batch holds {settings}; lower --data.tasks_per_batch first (or ways, shots, queries, image_size), "
+            "or use a device with more memory. Resuming with the same settings would fail the same way"
+        )
+    return line
+
+
+class OutOfMemoryReport(pl.Callback):
+    """Names the settings that set the batch size when a run fails on an allocation (out of memory).
+
+    An out-of-memory error comes from deep inside PyTorch and names none of the settings that made
+    the batch too large. On such an error this attaches the datamodule's :data:`BATCH_SETTINGS`
+    (``tasks_per_batch=3000, ways=5, ...``) to it as ``batch_settings``; the CLI prints them with
+    the memory asked for (:func:`out_of_memory_message`).
+    """
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        failure = allocation_failure(exception)
+        hparams = getattr(getattr(trainer, "datamodule", None), "hparams", None)
+        if failure is None or not hparams:
+            return
+        shown = [f"{k}={hparams[k]}" for k in BATCH_SETTINGS if hparams.get(k) is not None]
+        if hparams.get("train_batches") != "labelled":
+            shown = [s for s in shown if not s.startswith("batch_size=")]
+        try:
+            failure.batch_settings = ", ".join(shown)  # type: ignore[attr-defined]
+        except AttributeError:  # an exception type without a __dict__
+            pass
+
+
 def default_callbacks() -> list[pl.Callback]:
-    """The callbacks the CLI adds to every run: episode images, episodes/s, hp_metric, adaptation curves, divergence."""
-    return [EpisodeImages(), EpisodesPerSecond(), HpMetric(), AdaptationCurveLogger(), DivergenceGuard()]
+    """The callbacks the CLI adds to every run: episode images, episodes/s, hp_metric, adaptation curves, divergence.
+
+    And :class:`OutOfMemoryReport`, which names the batch settings of a run that runs out of memory.
+    """
+    return [
+        EpisodeImages(),
+        EpisodesPerSecond(),
+        HpMetric(),
+        AdaptationCurveLogger(),
+        DivergenceGuard(),
+        OutOfMemoryReport(),
+    ]

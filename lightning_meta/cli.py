@@ -10,9 +10,7 @@ import traceback
 from pathlib import Path
 from typing import Any, NoReturn
 
-import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -20,86 +18,18 @@ import datamodules  # noqa: F401  (registers the bundles for short names in YAML
 from datamodules import EpisodicDataModule
 
 from . import EpisodicModule
-from .callbacks import EpisodeImages, EpisodesPerSecond, InterruptCheckpoint, default_callbacks
+from .callbacks import EpisodeImages, EpisodesPerSecond, InterruptCheckpoint, default_callbacks, out_of_memory_message
+from .checkpoints import (  # noqa: F401  (find_best_checkpoint: its old home)
+    TRUST_VARIABLE,
+    EpisodicCheckpoint,
+    allowed_globals,
+    claim_run_folders,
+    find_best_checkpoint,
+    find_checkpoint,
+    trusting,
+    use_safe_checkpoint_io,
+)
 from .precision import default_precision
-
-
-class EpisodicCheckpoint(ModelCheckpoint):
-    """Keeps the best checkpoint by ``val/acc`` (or ``val/loss`` for regression data) and the last one.
-
-    File names avoid the ``/`` of the metric names, which would otherwise make folders.
-    """
-
-    def __init__(self) -> None:
-        super().__init__(
-            monitor="val/acc",
-            mode="max",
-            filename="best-epoch{epoch:03d}-step{step}",
-            auto_insert_metric_name=False,
-            save_last=True,
-        )
-
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        if getattr(getattr(trainer, "datamodule", None), "task", "classification") == "regression":
-            self.monitor, self.mode, self.kth_value = "val/loss", "min", torch.tensor(torch.inf)
-        monitor = getattr(pl_module, "checkpoint_monitor", None)  # meta-RL modules: ("val/return", "max")
-        if monitor is not None:
-            self.monitor, self.mode = monitor
-            self.kth_value = torch.tensor(torch.inf if self.mode == "min" else -torch.inf)
-
-
-def _runs(trainer: Trainer) -> tuple[Path, list[Path]]:
-    """The trainer's log folder and its ``version_*`` runs, newest first."""
-    logger = trainer.logger
-    if logger is not None:
-        base = Path(logger.save_dir or trainer.default_root_dir, logger.name or "")
-    else:
-        base = Path(trainer.default_root_dir, "lightning_logs")
-    runs = sorted(
-        (p for p in base.glob("version_*") if re.fullmatch(r"version_\d+", p.name)),
-        key=lambda p: int(p.name.split("_")[1]),
-        reverse=True,
-    )
-    return base, runs
-
-
-def find_checkpoint(trainer: Trainer, which: str = "best") -> str:
-    """The ``best-*.ckpt`` (``which="best"``) or ``last.ckpt`` (``"last"``) of the newest earlier run with one.
-
-    Runs are the ``version_*`` folders under the trainer's log folder. When no run has such a file,
-    the FileNotFoundError says what the runs do hold: a run with checkpoints but no ``best-*``
-    never validated (``max_steps`` ended before the first epoch's end, or validation was off).
-    """
-    base, runs = _runs(trainer)
-    pattern = "best-*.ckpt" if which == "best" else "last.ckpt"
-    for run in runs:
-        found = sorted((run / "checkpoints").glob(pattern), key=lambda p: p.stat().st_mtime)
-        if found:
-            return str(found[-1])
-    held = next((run for run in runs if any((run / "checkpoints").glob("*.ckpt"))), None)
-    if held is None:
-        raise FileNotFoundError(
-            f"--ckpt_path {which}: no checkpoint under {base}/version_*/checkpoints; run `lightning-meta fit` "
-            "with the same config first, or pass the checkpoint's path"
-        )
-    files = ", ".join(sorted(p.name for p in (held / "checkpoints").glob("*.ckpt")))
-    if which == "best":
-        raise FileNotFoundError(
-            f"--ckpt_path best: the newest run with checkpoints, {held}, has {files} but no 'best-*.ckpt': no "
-            "validation ran during its fit (e.g. --trainer.max_steps ended before the first epoch's end, or "
-            "limit_val_batches=0), so no best checkpoint was chosen; lower --data.train_episodes so an epoch ends "
-            "within max_steps, or use --ckpt_path last, or pass a checkpoint's path"
-        )
-    raise FileNotFoundError(
-        f"--ckpt_path last: the newest run with checkpoints, {held}, has {files} but no last.ckpt; pass a "
-        "checkpoint's path"
-    )
-
-
-def find_best_checkpoint(trainer: Trainer) -> str:
-    """The best checkpoint of the newest earlier run under the trainer's log folder (see :func:`find_checkpoint`)."""
-    return find_checkpoint(trainer, "best")
 
 
 def check_checkpoint_class(ckpt_path: str, configured: str) -> None:
@@ -221,8 +151,19 @@ class MetaCLI(LightningCLI):
             f"lightning-meta: precision {choice.precision} ({choice.reason}); set --trainer.precision to choose"
         )
 
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--trust_checkpoint",
+            type=bool,
+            default=False,
+            help=f"Load checkpoints that name Python code to run (your own older files); by default checkpoints "
+            f"are loaded as data only and such a file is refused. Same as {TRUST_VARIABLE}=1",
+        )
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
+        use_safe_checkpoint_io(trainer)  # checkpoints read as data, written atomically
+        claim_run_folders(trainer)  # two fits started at once get two version_* folders
         if not isinstance(self.model, EpisodicModule):  # meta-RL modules: batches of task parameters, not episodes
             kept = [c for c in trainer.callbacks if not isinstance(c, EpisodeImages | EpisodesPerSecond)]  # type: ignore[attr-defined]
             trainer.callbacks = kept  # type: ignore[attr-defined]
@@ -237,9 +178,12 @@ class MetaCLI(LightningCLI):
         ckpt_path = settings.get("ckpt_path") if settings is not None else None
         model = settings.get("model") if settings is not None else None
         configured = model.get("class_path") if model is not None and hasattr(model, "get") else None
+        if settings is not None and settings.get("trust_checkpoint"):
+            os.environ[TRUST_VARIABLE] = "1"  # for every load of this run (and its DDP processes)
         if ckpt_path and configured and Path(ckpt_path).is_file():
             check_checkpoint_class(str(ckpt_path), str(configured))
-        super()._parse_ckpt_path()
+        with allowed_globals(ckpt_path, trust=trusting()):  # LightningCLI reads the hyperparameters weights_only
+            super()._parse_ckpt_path()
 
     def _resolve(self, names: tuple[str, ...]) -> None:
         config = self.config_init[self.subcommand]
@@ -336,7 +280,7 @@ def main(args: list[str] | None = None) -> None:
         else:
             make_cli(args)
     except Exception as error:
-        ours = _raised_on_purpose(error)
+        ours = out_of_memory_message(error) or _raised_on_purpose(error)
         if ours is None or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
             raise
         print(f"lightning-meta: error: {ours}", file=sys.stderr)

@@ -21,26 +21,14 @@ import torch
 from torch import Tensor, nn
 
 from datamodules.episodes import EpisodeBatch
+from datamodules.files import atomic_file
 from datamodules.images import IMAGE_EXTENSIONS, decode_image
 
 from .base import EpisodicModule, at_least_float32
+from .checkpoints import allowed_globals, read_checkpoint, trusting
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The raw checkpoint dict at ``path`` on the CPU; FileNotFoundError naming the path when it is missing."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        hint = "pass the path of a .ckpt file"
-        if path.parent.is_dir():
-            found = sorted(p.name for p in path.parent.glob("*.ckpt"))
-            if found:
-                hint = f"that folder holds {', '.join(found[:5])}"
-        raise FileNotFoundError(f"checkpoint '{path}' does not exist; {hint}")
-    # Checkpoints hold more than tensors (hyperparameters, loop states): not weights_only.
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
 def checkpoint_class(checkpoint: dict[str, Any], path: str | Path = "the checkpoint") -> type[EpisodicModule]:
     """The :class:`EpisodicModule` subclass that wrote ``checkpoint``.
 
@@ -68,7 +56,9 @@ def checkpoint_class(checkpoint: dict[str, Any], path: str | Path = "the checkpo
     return cls
 
 
-def load_checkpoint(path: str | Path, map_location: Any = "cpu", **overrides: Any) -> EpisodicModule:
+def load_checkpoint(
+    path: str | Path, map_location: Any = "cpu", trust: bool | None = None, **overrides: Any
+) -> EpisodicModule:
     """Load any lightning-meta checkpoint as its own class, in eval mode.
 
     The class comes from the checkpoint (see :func:`checkpoint_class`); the backbone, optimizer and
@@ -79,12 +69,18 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu", **overrides: An
     Args:
         path: the ``.ckpt`` file.
         map_location: where to put the weights (``torch.load``'s argument); the CPU by default.
+        trust: load a file that names Python code to run (only your own files; see
+            :func:`~lightning_meta.checkpoints.read_checkpoint`); None: as ``LIGHTNING_META_TRUST_CHECKPOINTS`` says.
         overrides: constructor arguments that replace the saved hyperparameters.
     """
-    checkpoint = read_checkpoint(path)
+    trust = trusting() if trust is None else trust
+    checkpoint = read_checkpoint(path, trust=trust)
     cls = checkpoint_class(checkpoint, path)
     try:
-        model = cls.load_from_checkpoint(str(Path(path).expanduser()), map_location=map_location, **overrides)
+        with allowed_globals():
+            model = cls.load_from_checkpoint(
+                str(Path(path).expanduser()), map_location=map_location, weights_only=not trust, **overrides
+            )
     except TypeError as err:
         if "backbone" in str(err):
             raise ValueError(
@@ -334,6 +330,7 @@ def predict_folders(
     channels: int | None = None,
     invert: bool | None = None,
     queries_per_episode: int = 100,
+    trust_checkpoint: bool = False,
 ) -> FolderPredictions:
     """Classify a folder of query images with the classes of a support folder, and write a CSV.
 
@@ -357,6 +354,8 @@ def predict_folders(
         invert: invert the images (255 - v); default true for Omniglot checkpoints, else false.
         queries_per_episode: queries classified together in one episode. Backbones that normalise
             with the batch's statistics (MAML's per-task batch norm) see these queries together.
+        trust_checkpoint: load a checkpoint that names Python code to run (only your own files);
+            by default it is refused (checkpoints are loaded as data).
     """
     support_dir, query_dir = Path(support).expanduser(), Path(query).expanduser()
     for name, folder in (("support", support_dir), ("query", query_dir)):
@@ -390,8 +389,9 @@ def predict_folders(
     if not query_files:
         raise ValueError(f"query={query_dir} has no image; expected {query_dir}/<image> or {query_dir}/<class>/<image>")
 
-    checkpoint = read_checkpoint(ckpt_path)
-    model = load_checkpoint(ckpt_path)
+    trust = trust_checkpoint or trusting()
+    checkpoint = read_checkpoint(ckpt_path, trust=trust)
+    model = load_checkpoint(ckpt_path, trust=trust)
     preprocessing = preprocessing_of(checkpoint, model, image_size, channels, invert, ckpt_path)
     heads = [m for m in model.backbone.modules() if isinstance(m, nn.Linear)]
     if model.needs_grad_in_eval and heads and heads[-1].out_features != len(classes):
@@ -416,8 +416,7 @@ def predict_folders(
     accuracy = sum(t == p for t, p in labelled) / len(labelled) if labelled else None
 
     out = Path(output).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
+    with atomic_file(out, "predictions CSV", text=True) as f:
         writer = csv.writer(f)
         writer.writerow(["query", "predicted_class", "probability", "true_class", *(f"prob_{c}" for c in classes)])
         for name, guess, p, truth, probs in zip(relative, predicted, best.tolist(), true, probabilities.tolist(),
