@@ -23,6 +23,13 @@
 #   carry:     [".gpu_carry"]
 #   timeout_s: 540
 #
+# --reproduce (issue 22): instead of the tests and speed rows, continue the longest unfinished reproduction
+# rows (MAML 20w1s, MAML++ 20w1s) from their committed ledgers and resume checkpoints in
+# benchmarks/reproduction/ for about 3 minutes each on the device, test their best checkpoints, and write the
+# updated ledgers and checkpoints to $OUT/reproduction (copy them over benchmarks/reproduction/ here, then
+# `python benchmarks/reproduce.py --table`):
+#   command:   bash benchmarks/gpu_check.sh --device cuda --reproduce
+#
 # Here, to test the script itself on the CPU (LIGHTNING_META_TEST_ACCELERATOR=cpu: same tests, 16-mixed
 # skipped since Lightning does not run it on CPU; benchmarks with --steps 1 and fewer settings):
 #   bash benchmarks/gpu_check.sh --device cpu --quick      # --quick: the tests of 2 registry entries only
@@ -31,12 +38,14 @@ set -uo pipefail
 DEVICE=cuda
 QUICK=0
 PREPARE=0
+REPRODUCE=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --device) DEVICE="$2"; shift 2 ;;
         --quick) QUICK=1; shift ;;
         --prepare) PREPARE=1; shift ;;
-        *) echo "unknown argument $1 (use --device cpu|cuda, --quick, --prepare)" >&2; exit 2 ;;
+        --reproduce) REPRODUCE=1; shift ;;
+        *) echo "unknown argument $1 (use --device cpu|cuda, --quick, --prepare, --reproduce)" >&2; exit 2 ;;
     esac
 done
 case "$DEVICE" in cpu|cuda) ;; *) echo "--device must be cpu or cuda, got $DEVICE" >&2; exit 2 ;; esac
@@ -160,6 +169,22 @@ stage() {
     echo "- LIGHTNING_META_TEST_ACCELERATOR=$LIGHTNING_META_TEST_ACCELERATOR$([ "$QUICK" = 1 ] && echo ', --quick (2 registry entries)')"
     $PY -c "import learn2learn" >/dev/null 2>&1 || echo "- learn2learn: NOT importable: its benchmark rows fail, and maml_speed.py then prints each variant's ratio to itself (1.00x): ignore those"
 } >"$REPORT"
+
+if [ "$REPRODUCE" = 1 ]; then
+    RUNS="$(mktemp -d)"
+    # --quick: a few meta-batches each, to test this mode itself on the CPU.
+    if [ "$QUICK" = 1 ]; then BUDGET=(--meta_batches 2 --test_episodes 20); else BUDGET=(--hours 0.05); fi
+    for config in configs/maml/omniglot_20w1s.yaml configs/mamlpp/omniglot_20w1s.yaml; do
+        stage "Reproduction: $config" 220 "$PY" benchmarks/reproduce.py "$config" "${BUDGET[@]}" --runs "$RUNS" \
+            --data_root "$LIGHTNING_META_DATA/omniglot" --threads "$(nproc)"
+    done
+    "$PY" benchmarks/reproduce.py --runs "$RUNS" --commit
+    mkdir -p "${OUT:-$REPO/benchmarks/gpu_check_reproduction}"
+    cp -r benchmarks/reproduction "${OUT:-$REPO/benchmarks/gpu_check_reproduction}/"
+    echo "total: $(($(date +%s) - DEADLINE + 470)) s" | tee -a "$REPORT"
+    echo "report: $REPORT; ledgers and checkpoints: ${OUT:-$REPO/benchmarks/gpu_check_reproduction}/reproduction"
+    exit 0
+fi
 
 stage "GPU tests (tests/test_gpu.py)" 200 "$PY" -m pytest "${TEST_ARGS[@]}"
 stage "ProtoNet speed" 45 "$PY" benchmarks/protonet_speed.py --device "$DEVICE" "${PROTO_ARGS[@]}"
