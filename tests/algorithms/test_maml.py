@@ -5,6 +5,7 @@ from episode_factory import make_episodes
 
 from datamodules import EpisodeBatch, Omniglot, Sinusoid
 from lightning_meta import MAML, MLP, Conv4, Reptile
+from lightning_meta.callbacks import DivergenceError, DivergenceGuard
 
 
 def sine_batch(tasks=4, seed=0):
@@ -291,3 +292,16 @@ def test_a_backbone_without_a_known_head_is_not_checked():
     model = MAML(MLP(out_features=3))
     assert model.head_outputs is None
     model.check_episode_ways(image_batch(tasks=1, ways=5))  # nothing to compare with
+
+
+def test_a_huge_inner_lr_stops_within_the_first_steps(fake_omniglot):
+    # The first step's loss is compared with a constant prediction's (log 2 here): an inner_lr of 1e6
+    # used to set the reference itself and only stop at epoch 2.
+    data = Omniglot(str(fake_omniglot), rotations=False, ways=2, queries=3, train_episodes=20, val_episodes=2)
+    model = MAML(Conv4(hidden=8, out_features=2, track_running_stats=False), inner_lr=1e6, task_batching="loop")
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, inference_mode=False,
+                         callbacks=[DivergenceGuard()])  # fmt: skip
+    with pytest.raises(DivergenceError, match=r"train/loss is .* at step 1 .*MAML's inner_lr=1e\+06 is likely too"):
+        trainer.fit(model, datamodule=data)
+    assert trainer.global_step <= 1

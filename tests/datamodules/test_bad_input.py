@@ -16,7 +16,7 @@ import pytest
 
 from datamodules import CIFARFS, CUB, Omniglot
 from datamodules.download import DownloadError
-from lightning_meta.cli import make_cli
+from lightning_meta.cli import main, make_cli
 
 DATA = Path(__file__).parents[1] / "data"
 pytestmark = pytest.mark.filterwarnings("ignore:.*the official file has", "ignore:the '.*' split of .* classes")
@@ -54,6 +54,22 @@ def test_cli_names_the_bad_setting_and_its_value(key, value, fake_omniglot, tmp_
     assert err.splitlines()[0] == f"lightning-meta: error: --data.{key}={value}: must be a whole number of {rule}"
     assert f'Parser key "{key}"' in err and "Traceback" not in err
     assert len(err.splitlines()) < 30  # not the CLI's hundreds of lines of usage
+
+
+@pytest.mark.parametrize("key", ["ways", "train_ways"])
+def test_one_way_episodes_are_refused(key, fake_omniglot, tmp_path, monkeypatch, capsys):
+    # A 1-way episode trained with loss 0 and val/acc 1.0.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LIGHTNING_META_DEBUG", raising=False)
+    args = ["fit", "--model", "ProtoNet", "--data", "Omniglot", "--data.root", str(fake_omniglot)]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, f"--data.{key}", "1", "--trainer.fast_dev_run", "1"])
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lightning-meta: error:")]
+    assert len(errors) == 1 and f"{key}=1: a 1-way episode has a single class" in errors[0]
+    assert f"set {key} to 2 or more" in errors[0]
+    with pytest.raises(ValueError, match=f"{key}=1: a 1-way episode"):
+        Omniglot(str(fake_omniglot), **{key: 1})
 
 
 def test_yaml_config_with_a_bad_setting_is_a_usage_error(fake_omniglot, tmp_path, monkeypatch, capsys):
