@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 import re
@@ -11,7 +12,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
-from lightning.pytorch import LightningModule, Trainer
+import yaml
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
@@ -173,6 +175,140 @@ def summarize_parse_error(message: str) -> str | None:
     return f"{shown}: {reason}"
 
 
+_UNKNOWN_CLASS = (
+    r"Problem with given class_path '([^']+)':\s*\n\s*(?:module|No module)",
+    r"Expected a path but (\S+) either not accessible",
+    r"Expected a dot import path string: (\S+)",
+)
+
+
+def _importable(path: str) -> bool:
+    module_name, _, name = path.rpartition(".")
+    if not module_name:
+        return False
+    try:
+        return hasattr(importlib.import_module(module_name), name)
+    except Exception:  # a missing or broken module: not importable
+        return False
+
+
+def known_classes(key: str) -> dict[str, str]:
+    """Short name -> import path of the classes lightning-meta offers for ``key`` ("model", "data", else a network)."""
+    import datamodules.rl
+    import lightning_meta
+    import lightning_meta.backbones
+
+    if key == "data":
+        packages, base = [datamodules, datamodules.rl], LightningDataModule
+    elif key == "model":
+        packages, base = [lightning_meta], LightningModule
+    else:
+        packages, base = [lightning_meta.backbones], torch.nn.Module
+    bases = {*lightning_meta.BASE_CLASSES, "EpisodicDataModule", "TaskDistribution"}
+    found: dict[str, str] = {}
+    for package in packages:
+        for name in getattr(package, "__all__", []):
+            value = getattr(package, name, None)
+            if isinstance(value, type) and issubclass(value, base) and name not in bases:
+                found.setdefault(name, f"{package.__name__}.{name}")
+    return found
+
+
+def summarize_unknown_class(message: str) -> str | None:
+    """One line for a class name that cannot be imported: the option, the name, near names and where to look.
+
+    jsonargparse reports ``--model NoSuchNet`` as ``Parser key "model":`` with the reason lines below;
+    None when the message is about something else.
+    """
+    found = None
+    for pattern in _UNKNOWN_CLASS:
+        for match in re.finditer(pattern, message):
+            if not _importable(match.group(1)) and (found is None or match.start() < found.start()):
+                found = match
+    if found is None:
+        return None
+    value = found.group(1)
+    keys = [k for k in re.findall(r'Parser key "([^"]+)"', message[: found.start()])]
+    key = ".".join(dict.fromkeys(keys)) or "model"
+    offered = known_classes(keys[-1] if keys else "model")
+    short = value.rpartition(".")[2]
+    near = difflib.get_close_matches(short, list(offered), n=3, cutoff=0.6)
+    near += [n for n in offered if n.lower() == short.lower() and n not in near]
+    hint = f"did you mean {' or '.join(offered[n] for n in near)}? " if near else ""
+    hint += "known classes: " if hint else "the known classes are "
+    module_name = value.rpartition(".")[0]
+    if module_name and module_name not in {p.rpartition(".")[0] for p in offered.values()}:
+        where = f"'{module_name}' has no such class or cannot be imported"
+    else:
+        where = "lightning-meta has no class of that name"
+    listing = ", ".join(sorted(offered))
+    return (
+        f"--{key}={value}: unknown class ({where}); {hint}{listing}; or give the full "
+        "import path of your own class (my_package.MyClass), importable from the current folder or sys.path"
+    )
+
+
+def check_config_files(argv: list[str]) -> None:
+    """Raise ValueError naming the file and line of a ``--config`` that is not a YAML mapping of settings.
+
+    jsonargparse reports a tab in the indentation without the file's name, and an empty file as
+    ``Unexpected config:`` and nothing more.
+    """
+    given = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("-c", "--config")]
+    given += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    for name in given:
+        path = Path(name).expanduser()
+        if not path.is_file():
+            continue  # jsonargparse reports a missing file, and a --config may be YAML text itself
+        try:
+            text = path.read_text()
+            loaded = yaml.safe_load(text)
+        except UnicodeDecodeError as err:
+            raise ValueError(f"--config {name} is not a text file ({err}); pass a YAML config") from err
+        except yaml.YAMLError as err:
+            tabbed = next((n for n, line in enumerate(text.splitlines(), 1)
+                           if "\t" in line[: len(line) - len(line.lstrip(" \t"))] and line.strip()), None)  # fmt: skip
+            if tabbed is not None:
+                raise ValueError(
+                    f"--config {name}, line {tabbed}: a tab in the indentation; YAML indents with spaces only, "
+                    "so replace the tab by spaces"
+                ) from err
+            mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+            where = f", line {mark.line + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ValueError(f"--config {name}{where}: not valid YAML ({problem}); fix the file") from err
+        if loaded is None:
+            raise ValueError(
+                f"--config {name} is empty; give it the settings of a run (model:, data:, trainer:, as in "
+                "configs/<algorithm>/*.yaml), or leave --config out"
+            )
+        if not isinstance(loaded, dict):
+            raise ValueError(
+                f"--config {name} holds a {type(loaded).__name__}, not settings; a config is a mapping of keys "
+                "(model:, data:, trainer:), as in configs/<algorithm>/*.yaml"
+            )
+
+
+#: The Trainer precisions lightning-meta runs: float32 weights, optionally with autocast.
+PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16", "16-mixed", "16")
+
+
+def check_precision(precision: Any) -> None:
+    """Refuse, before anything is built, a ``trainer.precision`` whose weights are not float32.
+
+    Batches reach the model as float32 (the datamodules turn uint8 images into floats on the
+    device), so float64 or bfloat16 weights ("64", "bf16-true", "16-true") failed inside the first
+    convolution with a dtype mismatch.
+    """
+    if str(precision) in PRECISIONS:
+        return
+    raise ValueError(
+        f"--trainer.precision={precision}: lightning-meta keeps float32 weights and feeds float32 batches, so it "
+        f"runs {', '.join(PRECISIONS[::2])} (or their short forms 32, bf16, 16); use bf16-mixed for bfloat16 "
+        "speed with float32 weights, or 32-true for full precision"
+    )
+
+
 class MetaArgumentParser(LightningArgumentParser):
     """LightningArgumentParser whose errors start with one line that names the key and the fix.
 
@@ -183,7 +319,7 @@ class MetaArgumentParser(LightningArgumentParser):
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if not self.exit_on_error:
             super().error(message, ex)
-        summary = summarize_parse_error(message)
+        summary = summarize_unknown_class(message) or summarize_parse_error(message)
         parser = getattr(ex, "subcommand_parser", None) or self
         prog = parser.prog.replace(" [options]", "")
         if summary is not None:
@@ -213,6 +349,8 @@ class MetaCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.get("trainer")
+        if trainer is not None and trainer.get("precision") is not None:
+            check_precision(trainer.get("precision"))
         if trainer is None or trainer.get("precision") is not None:
             return
         choice = default_precision(trainer.get("accelerator", "auto"))
@@ -346,6 +484,7 @@ def main(args: list[str] | None = None) -> None:
 
 def make_cli(args: list[str] | None = None, run: bool = True) -> MetaCLI:
     """Build (and with ``run``, run) the :class:`MetaCLI`; returns it so tests can inspect the trainer."""
+    check_config_files(sys.argv[1:] if args is None else list(args))
     trainer_defaults: dict[str, Any] = {
         "inference_mode": False,
         "callbacks": [EpisodicCheckpoint(), InterruptCheckpoint(), *default_callbacks()],

@@ -1,6 +1,7 @@
 """The CLI's errors: one clear line for lightning-meta's own errors, and the cases that used to mislead."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -137,3 +138,63 @@ def test_parse_errors_start_with_the_key_and_value(args, first_line, tmp_path, m
         main(["fit", "--config", str(REPO / "configs" / "maml" / "omniglot_5w1s.yaml"), *args])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.splitlines()[0].startswith(first_line)
+
+
+def first_error_line(args: list[str], capsys) -> str:
+    """The first line ``lightning-meta`` writes to stderr for ``args`` (a usage error, status 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err.splitlines()[0]
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("model:\n\tclass_path: ProtoNet\n", r"--config {}, line 2: a tab in the indentation; YAML indents with spaces"),
+        ("", r"--config {} is empty; give it the settings of a run \(model:, data:, trainer:"),
+        ("# only a comment\n", r"--config {} is empty"),
+        ("model:\n  init_args: [1,\n", r"--config {}, line 3: not valid YAML \(.*\); fix the file"),
+        ("- model\n", r"--config {} holds a list, not settings"),
+    ],
+)
+def test_a_broken_config_names_the_file_and_line(text, expected, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LIGHTNING_META_DEBUG", raising=False)
+    Path("run.yaml").write_text(text)
+    line = first_error_line(["fit", "--config", "run.yaml", "--trainer.fast_dev_run", "1"], capsys)
+    assert re.match("lightning-meta: error: " + expected.format(re.escape("run.yaml")), line), line
+
+
+@pytest.mark.parametrize(
+    "args, start, near",
+    [
+        (["--model", "NoSuchNet", "--data", "Omniglot"], "--model=NoSuchNet: unknown class", None),
+        (["--model", "Protonet", "--data", "Omniglot"], "--model=Protonet: unknown class", "lightning_meta.ProtoNet"),
+        (["--model", "ProtoNet", "--data", "datamodules.rl.Navigation3D"], "--data=datamodules.rl.Navigation3D: "
+         "unknown class", "datamodules.rl.Navigation2D"),
+        (["--model", "MAML", "--model.backbone", "lightning_meta.Conv5", "--data", "Sinusoid"],
+         "--model.backbone=lightning_meta.Conv5: unknown class", "lightning_meta.backbones.Conv4"),
+    ],
+)  # fmt: skip
+def test_an_unknown_class_is_named_on_the_first_line_with_near_names(args, start, near, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    line = first_error_line(["fit", *args, "--trainer.fast_dev_run", "1"], capsys)
+    assert line.startswith(f"lightning-meta: error: {start}"), line
+    assert (f"did you mean {near}?" in line) if near else ("did you mean" not in line and "ProtoNet" in line)
+    assert "give the full import path of your own class" in line
+
+
+@pytest.mark.parametrize("precision", ["64", "64-true", "bf16-true", "16-true"])
+def test_a_precision_with_other_than_float32_weights_is_refused_at_start(precision, fake_omniglot, tmp_path,
+                                                                          monkeypatch, capsys):  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LIGHTNING_META_DEBUG", raising=False)
+    args = ["fit", "--config", str(PROTONET), *small_omniglot(fake_omniglot), "--trainer.fast_dev_run", "1"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--trainer.precision", precision])
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lightning-meta: error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"lightning-meta: error: --trainer.precision={precision}: ")
+    assert "32-true, bf16-mixed, 16-mixed" in errors[0]
+    assert not list(tmp_path.rglob("*.ckpt"))  # refused before training
