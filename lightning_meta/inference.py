@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from datamodules.episodes import EpisodeBatch
-from datamodules.images import IMAGE_EXTENSIONS, decode_image
+from datamodules.images import decode_image, image_files
 
 from .base import EpisodicModule, at_least_float32
 
@@ -156,14 +156,6 @@ def predict_episode(model: EpisodicModule, support_x: Tensor, support_y: Tensor,
 
 
 # ----------------------------------------------------------------------------- folders of images
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
-    )
-
-
 def _first_conv(backbone: nn.Module) -> nn.Module | None:
     return next((m for m in backbone.modules() if isinstance(m, nn.Conv2d | nn.Conv1d | nn.Conv3d)), None)
 
@@ -370,7 +362,7 @@ def predict_folders(
     support_files: list[Path] = []
     support_labels: list[int] = []
     for label, name in enumerate(classes):
-        found = _images_in(support_dir / name)
+        found = image_files(support_dir / name)
         if not found:
             raise ValueError(
                 f"support class '{name}' ({support_dir / name}) has no image; add at least one image "
@@ -380,11 +372,11 @@ def predict_folders(
         support_labels += [label] * len(found)
     query_files: list[Path] = []
     true: list[str | None] = []
-    for path in _images_in(query_dir):
+    for path in image_files(query_dir):
         query_files.append(path)
         true.append(None)
     for sub in sorted(p for p in query_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for path in _images_in(sub):
+        for path in image_files(sub):
             query_files.append(path)
             true.append(sub.name)
     if not query_files:
