@@ -405,13 +405,16 @@ class MetaCLI(LightningCLI):
 HELP = (
     "Few-shot meta-learning with PyTorch Lightning. `lightning-meta fit --config configs/<algorithm>/<data>.yaml` "
     "trains; `test`/`validate --ckpt_path best` evaluate; `lightning-meta predict --ckpt_path X --support DIR "
-    "--query DIR --output out.csv` classifies your own images (see `lightning-meta predict --help`; with "
-    "--config it is Lightning's predict over the datamodule). Set LIGHTNING_META_DEBUG=1 for full tracebacks."
+    "--query DIR --output out.csv` classifies your own images (see `lightning-meta predict --help`). Set "
+    "LIGHTNING_META_DEBUG=1 for full tracebacks."
 )
-PREDICT_HELP = (
-    "Lightning's predict over a datamodule (class probabilities from predict_step). Without --config/--model, "
-    "`lightning-meta predict --support DIR --query DIR` classifies folders of images instead."
+#: `predict` with a config: Lightning's predict would have no predict_dataloader and nowhere to write.
+PREDICT_WITH_CONFIG = (
+    "`lightning-meta predict` classifies folders of your images: `lightning-meta predict --ckpt_path X --support DIR "
+    "--query DIR --output out.csv` (see `lightning-meta predict --help`); it takes no --config, --model or --data. "
+    "To score a checkpoint on a datamodule's episodes run `lightning-meta test --config <config> --ckpt_path X`"
 )
+PREDICT_HELP = "Classify folders of images: " + PREDICT_WITH_CONFIG.split(": ", 1)[1]
 DEBUG_VARIABLE = "LIGHTNING_META_DEBUG"
 _OUR_PACKAGES = tuple(
     str(Path(p).resolve()) + os.sep for p in (Path(__file__).parent, Path(datamodules.__file__).parent)
@@ -453,11 +456,7 @@ def predict_main(args: list[str]) -> None:
     from .inference import predict_folders
 
     result = auto_cli(predict_folders, args=args, as_positional=False, prog="lightning-meta predict")
-    counted = sum(t is not None and t in result.classes for t in result.true)
-    line = f"wrote {len(result.queries)} predictions over {len(result.classes)} classes to {result.output}"
-    if result.accuracy is not None:
-        line += f"; accuracy {result.accuracy:.3f} on the {counted} queries in class folders"
-    print(line)
+    print(result.summary())
 
 
 def main(args: list[str] | None = None) -> None:
@@ -484,7 +483,10 @@ def main(args: list[str] | None = None) -> None:
 
 def make_cli(args: list[str] | None = None, run: bool = True) -> MetaCLI:
     """Build (and with ``run``, run) the :class:`MetaCLI`; returns it so tests can inspect the trainer."""
-    check_config_files(sys.argv[1:] if args is None else list(args))
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] == "predict" and not _is_folder_predict(argv):
+        raise ValueError(PREDICT_WITH_CONFIG)
+    check_config_files(argv)
     trainer_defaults: dict[str, Any] = {
         "inference_mode": False,
         "callbacks": [EpisodicCheckpoint(), InterruptCheckpoint(), *default_callbacks()],

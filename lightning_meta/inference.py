@@ -303,6 +303,8 @@ class FolderPredictions:
         probabilities: ``[Q, N]`` class probabilities.
         true: the class folder of each query (None for a flat query folder).
         accuracy: fraction of labelled queries (folder named like a support class) predicted right.
+        unscored: query class folders not named like any support class (their queries are predicted
+            but not in the accuracy), with their number of queries.
         output: the CSV written.
         preprocessing: how the images were read.
     """
@@ -315,6 +317,25 @@ class FolderPredictions:
     accuracy: float | None
     output: Path
     preprocessing: Preprocessing
+    unscored: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def scored(self) -> int:
+        """How many queries count in the accuracy (in a folder named like a support class)."""
+        return sum(t is not None and t in self.classes for t in self.true)
+
+    def summary(self) -> str:
+        """One line: what was written, and the accuracy over the queries it counts (saying which it does not)."""
+        line = f"wrote {len(self.queries)} predictions over {len(self.classes)} classes to {self.output}"
+        if self.accuracy is not None:
+            line += f"; accuracy {self.accuracy:.3f} on the {self.scored} queries in class folders"
+        if self.unscored:
+            folders = ", ".join(f"{name} ({count})" for name, count in sorted(self.unscored.items()))
+            line += (
+                f"; {sum(self.unscored.values())} queries in folders named like no support class are not scored: "
+                f"{folders}"
+            )
+        return line
 
 
 def predict_folders(
@@ -356,6 +377,11 @@ def predict_folders(
             raise FileNotFoundError(f"{name}={folder} is not a folder; pass the folder of the {name} images")
     if queries_per_episode < 1:
         raise ValueError(f"queries_per_episode={queries_per_episode} must be a positive integer")
+    out = Path(output).expanduser()
+    if out.is_dir():
+        raise ValueError(
+            f"output={output} is a folder; pass the CSV file to write, e.g. --output {out / 'predictions.csv'}"
+        )
     classes = sorted(p.name for p in support_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise ValueError(f"support={support_dir} has no class folders; expected {support_dir}/<class>/<image>")
@@ -407,7 +433,6 @@ def predict_folders(
     labelled = [(t, p) for t, p in zip(true, predicted, strict=True) if t is not None and t in classes]
     accuracy = sum(t == p for t, p in labelled) / len(labelled) if labelled else None
 
-    out = Path(output).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as f:
         writer = csv.writer(f)
@@ -415,4 +440,8 @@ def predict_folders(
         for name, guess, p, truth, probs in zip(relative, predicted, best.tolist(), true, probabilities.tolist(),
                                                 strict=True):  # fmt: skip
             writer.writerow([name, guess, f"{p:.6f}", truth or "", *(f"{v:.6f}" for v in probs)])
-    return FolderPredictions(classes, relative, predicted, probabilities, true, accuracy, out, preprocessing)
+    unscored: dict[str, int] = {}
+    for truth in true:
+        if truth is not None and truth not in classes:
+            unscored[truth] = unscored.get(truth, 0) + 1
+    return FolderPredictions(classes, relative, predicted, probabilities, true, accuracy, out, preprocessing, unscored)

@@ -198,3 +198,31 @@ def test_a_precision_with_other_than_float32_weights_is_refused_at_start(precisi
     assert len(errors) == 1 and errors[0].startswith(f"lightning-meta: error: --trainer.precision={precision}: ")
     assert "32-true, bf16-mixed, 16-mixed" in errors[0]
     assert not list(tmp_path.rglob("*.ckpt"))  # refused before training
+
+
+def test_predict_output_naming_a_folder_says_to_name_a_file(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LIGHTNING_META_DEBUG", raising=False)
+    for folder in ("support/a", "support/b", "query"):
+        Path(folder).mkdir(parents=True)
+        Image.new("L", (28, 28)).save(Path(folder) / "1.png")
+    Path("out").mkdir()
+    line = first_error_line(["predict", "--ckpt_path", "model.ckpt", "--support", "support", "--query", "query",
+                             "--output", "out"], capsys)  # fmt: skip
+    assert line == "lightning-meta: error: output=out is a folder; pass the CSV file to write, e.g. --output " + str(
+        Path("out") / "predictions.csv"
+    )
+
+
+def test_predict_with_a_config_says_what_to_use_and_help_no_longer_offers_it(fake_omniglot, tmp_path, monkeypatch,
+                                                                             capsys):  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LIGHTNING_META_DEBUG", raising=False)
+    line = first_error_line(["predict", "--config", str(PROTONET), *small_omniglot(fake_omniglot)], capsys)
+    assert line.startswith("lightning-meta: error: `lightning-meta predict` classifies folders of your images: ")
+    assert "it takes no --config" in line and "lightning-meta test --config <config> --ckpt_path X" in line
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "with --config it is Lightning's predict" not in " ".join(capsys.readouterr().out.split())
