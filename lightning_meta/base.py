@@ -104,7 +104,8 @@ class EpisodicModule(pl.LightningModule):
     Args:
         backbone: the network (an ``nn.Module``, e.g. :class:`~lightning_meta.backbones.Conv4`).
         optimizer: outer-loop optimizer factory (Adam, lr 1e-3 by default).
-        lr_scheduler: optional scheduler factory, stepped once per epoch.
+        lr_scheduler: optional scheduler factory, stepped once per epoch; ``ReduceLROnPlateau`` watches
+            ``val/loss``.
     """
 
     #: True for algorithms that take gradients at validation and test time (MAML, Reptile).
@@ -281,4 +282,9 @@ class EpisodicModule(pl.LightningModule):
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        config: dict[str, Any] = {"scheduler": scheduler, "interval": "epoch"}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            # Lightning steps it with a logged metric, which the CLI gives no way to name: the validation
+            # loss (its default mode is "min"), or the monitor of Lightning's own cli.ReduceLROnPlateau.
+            config["monitor"] = getattr(scheduler, "monitor", None) or "val/loss"
+        return {"optimizer": optimizer, "lr_scheduler": config}

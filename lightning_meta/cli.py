@@ -198,6 +198,13 @@ def known_classes(key: str) -> dict[str, str]:
     import lightning_meta
     import lightning_meta.backbones
 
+    if key in ("optimizer", "lr_scheduler"):
+        module = torch.optim if key == "optimizer" else torch.optim.lr_scheduler
+        lr = torch.optim.lr_scheduler
+        base = torch.optim.Optimizer if key == "optimizer" else (lr.LRScheduler, lr.ReduceLROnPlateau)
+        names = [n for n in dir(module) if n[:1].isupper() and n not in ("Optimizer", "LRScheduler")]
+        return {n: f"{module.__name__}.{n}" for n in names if isinstance(getattr(module, n), type)
+                and issubclass(getattr(module, n), base)}  # fmt: skip
     if key == "data":
         packages, base = [datamodules, datamodules.rl], LightningDataModule
     elif key == "model":
@@ -240,7 +247,7 @@ def summarize_unknown_class(message: str) -> str | None:
     if module_name and module_name not in {p.rpartition(".")[0] for p in offered.values()}:
         where = f"'{module_name}' has no such class or cannot be imported"
     else:
-        where = "lightning-meta has no class of that name"
+        where = "no class of that name is known here"
     listing = ", ".join(sorted(offered))
     return (
         f"--{key}={value}: unknown class ({where}); {hint}{listing}; or give the full "

@@ -226,3 +226,16 @@ def test_predict_with_a_config_says_what_to_use_and_help_no_longer_offers_it(fak
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "with --config it is Lightning's predict" not in " ".join(capsys.readouterr().out.split())
+
+
+def test_reduce_lr_on_plateau_gets_its_monitor_and_its_short_name_points_to_the_full_one(
+    fake_omniglot, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", str(PROTONET), *small_omniglot(fake_omniglot), "--trainer.fast_dev_run", "1"]
+    line = first_error_line([*args, "--model.lr_scheduler", "ReduceLROnPlateau"], capsys)
+    assert line.startswith("lightning-meta: error: --model.lr_scheduler=ReduceLROnPlateau: unknown class")
+    assert "did you mean torch.optim.lr_scheduler.ReduceLROnPlateau?" in line and "Conv4" not in line
+    # It used to stop with "The lr scheduler dict must include a monitor".
+    cli = make_cli([*args, "--model.lr_scheduler", "torch.optim.lr_scheduler.ReduceLROnPlateau"])
+    assert cli.trainer.state.finished and cli.trainer.lr_scheduler_configs[0].monitor == "val/loss"
