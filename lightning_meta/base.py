@@ -17,6 +17,7 @@ from torchmetrics import MeanMetric, Metric
 from datamodules.episodes import EpisodeBatch, as_episode_batch
 
 from .backbones import to_channels_last
+from .backbones.inputs import check_backbone_fits_data
 from .functional import adaptation_curve_steps  # noqa: F401  (re-exported)
 from .metrics import ConfidenceInterval95, episode_accuracy
 
@@ -244,6 +245,12 @@ class EpisodicModule(pl.LightningModule):
         if episodes.support_y.is_floating_point():
             return logits
         return at_least_float32(logits).softmax(-1)
+
+    def setup(self, stage: str) -> None:
+        """Check that the datamodule's inputs fit the backbone (images for an MLP, another image size)."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None:
+            check_backbone_fits_data(self.backbone, datamodule)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -239,3 +239,27 @@ def test_reduce_lr_on_plateau_gets_its_monitor_and_its_short_name_points_to_the_
     # It used to stop with "The lr scheduler dict must include a monitor".
     cli = make_cli([*args, "--model.lr_scheduler", "torch.optim.lr_scheduler.ReduceLROnPlateau"])
     assert cli.trainer.state.finished and cli.trainer.lr_scheduler_configs[0].monitor == "val/loss"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model.backbone", "lightning_meta.MLP"], "--model.backbone MLP takes vectors of in_features=1 values, "
+         "but Omniglot gives 28x28 images; use an image backbone such as lightning_meta.Conv4"),
+        (["--data.image_size", "40", "--model.init_args.backbone.init_args.pooling", "max"], "the backbone Conv4 was built for image_size=28 (its head takes that size's "
+         "features) but Omniglot gives image_size=40; set --model.backbone.init_args.image_size 40 or "
+         "--data.image_size 28"),
+    ],
+)  # fmt: skip
+def test_a_backbone_that_cannot_take_the_data_is_named_at_setup(args, message, fake_omniglot, tmp_path, monkeypatch,
+                                                                 capsys):  # fmt: skip
+    # Both used to fail inside a matrix product ("mat1 and mat2 shapes cannot be multiplied").
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LIGHTNING_META_DEBUG", raising=False)
+    config = REPO / "configs" / "maml" / "omniglot_5w1s.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), *small_omniglot(fake_omniglot), "--trainer.fast_dev_run", "1",
+              "--model.init_args.backbone.init_args.out_features", "2", *args])  # fmt: skip
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lightning-meta: error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"lightning-meta: error: {message}")

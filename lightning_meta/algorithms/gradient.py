@@ -366,6 +366,7 @@ class GradientModule(EpisodicModule):
 
     def setup(self, stage: str) -> None:
         """Check that the head has one output per way of the datamodule's episodes in the splits ``stage`` uses."""
+        super().setup(stage)
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         outputs = self.head_outputs
         if datamodule is None or outputs is None or not hasattr(datamodule, "episode_shape"):
