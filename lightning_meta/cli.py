@@ -446,6 +446,20 @@ def _raised_on_purpose(error: BaseException) -> BaseException | None:
     return None
 
 
+def _end_progress_line() -> None:
+    """Close the progress bars an exception left open, so the error starts on a line of its own.
+
+    Lightning's bars write to stdout without a newline until they finish; an error during, say, the
+    sanity check was printed at the end of the bar's line.
+    """
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.leave = True  # keep what it showed, and end its line
+        bar.close()
+    sys.stdout.flush()
+
+
 def _is_folder_predict(argv: list[str]) -> bool:
     """``predict`` with ``--support``, or without a config or model (the Trainer path needs one of those)."""
     if not argv or argv[0] != "predict":
@@ -480,6 +494,7 @@ def main(args: list[str] | None = None) -> None:
         else:
             make_cli(args)
     except Exception as error:
+        _end_progress_line()
         ours = _raised_on_purpose(error)
         if ours is None or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
             raise

@@ -263,3 +263,16 @@ def test_a_backbone_that_cannot_take_the_data_is_named_at_setup(args, message, f
     assert exit_info.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lightning-meta: error:")]
     assert len(errors) == 1 and errors[0].startswith(f"lightning-meta: error: {message}")
+
+
+def test_an_error_during_the_sanity_check_starts_on_a_line_of_its_own(fake_omniglot, tmp_path):
+    # The progress bar's line was left open and the error printed at its end.
+    args = [*small_omniglot(fake_omniglot), "--trainer.enable_progress_bar", "true"]
+    command = [str(SCRIPT), "fit", "--config", str(PROTONET), *args, "--model.backbone.init_args.in_channels", "3"]
+    env = {k: v for k, v in os.environ.items() if k != "LIGHTNING_META_DEBUG"}
+    done = subprocess.run(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=180, env=env)  # fmt: skip
+    assert done.returncode == 2 and "Sanity Checking" in done.stdout, done.stdout[-3000:]
+    lines = done.stdout.splitlines()
+    errors = [line for line in lines if "lightning-meta: error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("lightning-meta: error: the data has 1 channel(s)"), errors
