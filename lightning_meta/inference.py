@@ -114,6 +114,12 @@ def predict_episode(model: EpisodicModule, support_x: Tensor, support_y: Tensor,
         raise ValueError(
             f"support_y {tuple(support_y.shape)} must be [{support_x.shape[0]}], one label per support item"
         )
+    for name, x in (("support_x", support_x), ("query_x", query_x), ("support_y", support_y)):
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise ValueError(
+                f"{name} holds {int((~torch.isfinite(x)).sum())} NaN or infinite value(s); every prediction would "
+                "be NaN: clean or drop those inputs"
+            )
     regression = support_y.is_floating_point()
     if not regression:
         present = torch.unique(support_y)

@@ -233,3 +233,11 @@ def test_the_summary_counts_the_queries_it_scores_and_names_the_folders_it_does_
     assert "wrote 4 predictions over 2 classes to out.csv; accuracy " in summary
     assert summary.endswith("on the 1 queries in class folders; 2 queries in folders named like no support class "
                             "are not scored: c (2)")  # fmt: skip
+
+
+@pytest.mark.parametrize("part", ["support_x", "query_x"])
+def test_non_finite_inputs_are_refused_instead_of_predicting_nan(part):
+    x = {"support_x": torch.rand(2, 1, 28, 28), "query_x": torch.rand(3, 1, 28, 28)}
+    x[part][0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=f"{part} holds 1 NaN or infinite value"):
+        predict_episode(ProtoNet(Conv4(hidden=8)), x["support_x"], torch.tensor([0, 1]), x["query_x"])
