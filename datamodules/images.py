@@ -37,10 +37,13 @@ from .episodes import SPLITS, ClassImages
 IMAGE_EXTENSIONS = frozenset(ext.lower() for ext, kind in Image.registered_extensions().items() if kind in Image.OPEN)
 #: Endings of images (photos from phones and cameras, vector drawings) that PIL cannot read: such a
 #: file in an image folder is an error naming it, never silently skipped.
-UNREADABLE_IMAGE_EXTENSIONS = frozenset(
-    {".heic", ".heif", ".svg", ".svgz", ".jxl", ".raw", ".cr2", ".cr3", ".nef", ".arw", ".dng", ".orf", ".rw2"}
-    | {ext.lower() for ext in Image.registered_extensions()}
-) - IMAGE_EXTENSIONS
+UNREADABLE_IMAGE_EXTENSIONS = (
+    frozenset(
+        {".heic", ".heif", ".svg", ".svgz", ".jxl", ".raw", ".cr2", ".cr3", ".nef", ".arw", ".dng", ".orf", ".rw2"}
+        | {ext.lower() for ext in Image.registered_extensions()}
+    )
+    - IMAGE_EXTENSIONS
+)
 #: Environment variable that raises PIL's limit on the pixels of one image (0: no limit).
 MAX_PIXELS_VARIABLE = "LIGHTNING_META_MAX_IMAGE_PIXELS"
 

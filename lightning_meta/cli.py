@@ -201,10 +201,11 @@ def known_classes(key: str) -> dict[str, str]:
     if key in ("optimizer", "lr_scheduler"):
         module = torch.optim if key == "optimizer" else torch.optim.lr_scheduler
         lr = torch.optim.lr_scheduler
-        base = torch.optim.Optimizer if key == "optimizer" else (lr.LRScheduler, lr.ReduceLROnPlateau)
+        kinds: Any = torch.optim.Optimizer if key == "optimizer" else (lr.LRScheduler, lr.ReduceLROnPlateau)
         names = [n for n in dir(module) if n[:1].isupper() and n not in ("Optimizer", "LRScheduler")]
         return {n: f"{module.__name__}.{n}" for n in names if isinstance(getattr(module, n), type)
-                and issubclass(getattr(module, n), base)}  # fmt: skip
+                and issubclass(getattr(module, n), kinds)}  # fmt: skip
+    base: type
     if key == "data":
         packages, base = [datamodules, datamodules.rl], LightningDataModule
     elif key == "model":

@@ -30,7 +30,6 @@ The pieces:
 from __future__ import annotations
 
 import math
-
 import re
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial

@@ -151,7 +151,10 @@ def first_error_line(args: list[str], capsys) -> str:
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("model:\n\tclass_path: ProtoNet\n", r"--config {}, line 2: a tab in the indentation; YAML indents with spaces"),
+        (
+            "model:\n\tclass_path: ProtoNet\n",
+            r"--config {}, line 2: a tab in the indentation; YAML indents with spaces",
+        ),
         ("", r"--config {} is empty; give it the settings of a run \(model:, data:, trainer:"),
         ("# only a comment\n", r"--config {} is empty"),
         ("model:\n  init_args: [1,\n", r"--config {}, line 3: not valid YAML \(.*\); fix the file"),
@@ -246,9 +249,9 @@ def test_reduce_lr_on_plateau_gets_its_monitor_and_its_short_name_points_to_the_
     [
         (["--model.backbone", "lightning_meta.MLP"], "--model.backbone MLP takes vectors of in_features=1 values, "
          "but Omniglot gives 28x28 images; use an image backbone such as lightning_meta.Conv4"),
-        (["--data.image_size", "40", "--model.init_args.backbone.init_args.pooling", "max"], "the backbone Conv4 was built for image_size=28 (its head takes that size's "
-         "features) but Omniglot gives image_size=40; set --model.backbone.init_args.image_size 40 or "
-         "--data.image_size 28"),
+        (["--data.image_size", "40", "--model.init_args.backbone.init_args.pooling", "max"],
+         "the backbone Conv4 was built for image_size=28 (its head takes that size's features) but Omniglot "
+         "gives image_size=40; set --model.backbone.init_args.image_size 40 or --data.image_size 28"),
     ],
 )  # fmt: skip
 def test_a_backbone_that_cannot_take_the_data_is_named_at_setup(args, message, fake_omniglot, tmp_path, monkeypatch,

@@ -220,9 +220,29 @@ def test_the_summary_counts_the_queries_it_scores_and_names_the_folders_it_does_
                                                                                    monkeypatch):  # fmt: skip
     # A query folder named like no support class ("c") was predicted but left out of the accuracy unsaid.
     monkeypatch.chdir(tmp_path)
-    args = ["fit", "--config", str(PROTONET), "--data.root", str(fake_omniglot), "--data.rotations", "false",
-            "--data.ways", "2", "--data.train_ways", "2", "--data.queries", "3", "--trainer.max_steps", "1",
-            "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false", "--trainer.precision", "32"]
+    args = [
+        "fit",
+        "--config",
+        str(PROTONET),
+        "--data.root",
+        str(fake_omniglot),
+        "--data.rotations",
+        "false",
+        "--data.ways",
+        "2",
+        "--data.train_ways",
+        "2",
+        "--data.queries",
+        "3",
+        "--trainer.max_steps",
+        "1",
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.precision",
+        "32",
+    ]
     ckpt = Path(make_cli(args).trainer.log_dir) / "checkpoints" / "last.ckpt"  # fmt: skip
     for name in ("support/a/1.png", "support/b/1.png", "query/a/2.png", "query/c/3.png", "query/c/4.png",
                  "query/5.png"):  # fmt: skip

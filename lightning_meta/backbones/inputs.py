@@ -55,7 +55,7 @@ def check_backbone_fits_data(backbone: object, data: object) -> None:
     name, data_name = type(backbone).__name__, type(data).__name__
     if isinstance(getattr(backbone, "in_features", None), int) and not hasattr(backbone, "in_channels"):
         raise ValueError(
-            f"--model.backbone {name} takes vectors of in_features={getattr(backbone, 'in_features')} values, but "
+            f"--model.backbone {name} takes vectors of in_features={backbone.in_features} values, but "
             f"{data_name} gives {image_size}x{image_size} images; use an image backbone such as "
             "lightning_meta.Conv4 or lightning_meta.ResNet12 (MLP is for vector data such as Sinusoid)"
         )

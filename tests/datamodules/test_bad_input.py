@@ -258,7 +258,7 @@ def test_a_read_only_cache_dir_is_named_before_reading(tmp_path):
     read_only.chmod(0o555)
     try:
         dm = EpisodicImageFolder(root=str(root), image_size=16, cache_dir=str(read_only / "cache"))
-        with pytest.raises(ValueError, match=rf"cache_dir='.*ro/cache': .*ro is not writable, so the "
+        with pytest.raises(ValueError, match=r"cache_dir='.*ro/cache': .*ro is not writable, so the "
                                              "EpisodicImageFolder image cache cannot be written there; pass a "
                                              "writable folder as --data.cache_dir"):  # fmt: skip
             dm.load_split("train")
