@@ -53,9 +53,10 @@ def check_backbone_fits_data(backbone: object, data: object) -> None:
     if not isinstance(image_size, int):
         return
     name, data_name = type(backbone).__name__, type(data).__name__
-    if isinstance(getattr(backbone, "in_features", None), int) and not hasattr(backbone, "in_channels"):
+    in_features = getattr(backbone, "in_features", None)
+    if isinstance(in_features, int) and not hasattr(backbone, "in_channels"):
         raise ValueError(
-            f"--model.backbone {name} takes vectors of in_features={backbone.in_features} values, but "
+            f"--model.backbone {name} takes vectors of in_features={in_features} values, but "
             f"{data_name} gives {image_size}x{image_size} images; use an image backbone such as "
             "lightning_meta.Conv4 or lightning_meta.ResNet12 (MLP is for vector data such as Sinusoid)"
         )
