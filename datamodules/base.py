@@ -359,6 +359,12 @@ class EpisodicDataModule(pl.LightningDataModule):
             raise ValueError(
                 f"num_workers={num_workers!r} must be at least 0; set it to 0 (sampling in this process) or more"
             )
+        for name, value in (("ways", ways), ("train_ways", train_ways)):
+            if self.task == "classification" and value == 1:
+                raise ValueError(
+                    f"{name}=1: a 1-way episode has a single class, so every prediction is right (loss 0, accuracy "
+                    f"1.0) and nothing is learned; set {name} to 2 or more (5 or 20 in the papers)"
+                )
         # int(): the CLI passes jsonargparse's PositiveInt, an int subclass; keep plain ints.
         ways, shots, queries, tasks_per_batch = int(ways), int(shots), int(queries), int(tasks_per_batch)
         train_episodes, val_episodes, test_episodes = int(train_episodes), int(val_episodes), int(test_episodes)

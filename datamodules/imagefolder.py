@@ -9,12 +9,13 @@ from typing import Any
 
 from .base import EmptySplitError, PositiveInt, stage_uses
 from .episodes import SPLITS, ClassImages
-from .images import IMAGE_EXTENSIONS, CachedImageBundle, class_offsets, decode_images, inverted, rotated_classes
+from .images import CachedImageBundle, class_offsets, decode_images, image_files, inverted, rotated_classes
 
 LAYOUT = """expected either
   {root}/<split>/<class>/<image> with the splits train, val and test, or
   {root}/<class>/<image> with split_file= a JSON file {{"train": [classes], "val": [...], "test": [...]}}.
-Images are files of any format PIL reads (.png, .jpg, .bmp, .gif, .tif, ...); other files are skipped."""
+Images are files of any format PIL reads (.png, .jpg, .bmp, .gif, .tif, ...); other files are skipped, but an
+image PIL cannot read (.heic, .svg, ...) is an error."""
 
 
 def _layout(root: Path) -> str:
@@ -27,9 +28,11 @@ class EpisodicImageFolder(CachedImageBundle):
     Two layouts: ``root/<split>/<class>/<image>``, or one folder of classes ``root/<class>/<image>``
     with ``split_file``, a JSON file ``{"train": [...], "val": [...], "test": [...]}`` of class
     folder names. Any file PIL can open by its extension is an image; others (a README, a list) are
-    skipped, and an image that cannot be decoded is an error naming it. Images are converted to
+    skipped, and an image that cannot be decoded, or in a format PIL cannot read (``.heic``, ``.svg``),
+    is an error naming it. Images above PIL's pixel limit are refused unless
+    ``LIGHTNING_META_MAX_IMAGE_PIXELS`` raises it. Images are converted to
     ``channels``, resized to ``image_size`` squares and cached as uint8 tensors per split
-    (``imagefolder_<split>_<S>px_<C>ch.pt``). Classes and images are taken in sorted order.
+    (``imagefolder_<split>_<S>px_<C>ch.pt``, see :meth:`cache_path`). Classes and images are taken in sorted order.
     ``invert`` and ``rotations`` are applied when a split is loaded, so they share that cache. Only
     the splits a stage uses need classes: with ``"test": []`` in ``split_file`` (or an empty
     ``test/`` folder) ``fit`` works, and ``test`` says the split is empty. The episode arguments
@@ -120,11 +123,7 @@ class EpisodicImageFolder(CachedImageBundle):
 
     def class_images(self, folder: Path) -> list[Path]:
         """The image files of one class folder, sorted; ValueError when there are none."""
-        files = sorted(
-            p
-            for p in folder.iterdir()
-            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
-        )
+        files = image_files(folder)
         if not files:
             raise ValueError(f"class folder {folder} has no images; add some or remove the folder")
         return files
@@ -142,8 +141,19 @@ class EpisodicImageFolder(CachedImageBundle):
         return f"{self.cache_name}/{digest}"
 
     def cache_path(self, split: str) -> Path:
+        """``imagefolder_<split>_<S>px_<C>ch.pt``, with digests of what else sets its content in the name.
+
+        A ``split_file`` adds a digest of its path, and a ``cache_dir`` (a folder that several data
+        folders may share) one of the data folder, so two settings never take turns overwriting
+        one file (each run rebuilding the other's cache).
+        """
         path = super().cache_path(split)
-        return path.with_name(f"{path.stem}_{self.channels}ch.pt")
+        tags = [f"{self.channels}ch"]
+        if self.split_file is not None:
+            tags.append("split" + hashlib.blake2b(str(self.split_file.resolve()).encode(), digest_size=4).hexdigest())
+        if self.cache_dir:
+            tags.append("root" + hashlib.blake2b(str(self.root.resolve()).encode(), digest_size=4).hexdigest())
+        return path.with_name(f"{path.stem}_{'_'.join(tags)}.pt")
 
     def _empty(self, split: str) -> str:
         uses = f"the stages {stage_uses(split)} use it; give it classes, or run a stage that does not use it"

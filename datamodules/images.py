@@ -14,6 +14,7 @@ import hashlib
 import io
 import os
 import pickle
+import re
 import tarfile
 import warnings
 import zipfile
@@ -33,7 +34,48 @@ from .episodes import SPLITS, ClassImages
 from .files import WriteError, atomic_file
 
 #: File name endings that PIL can open; other files in an image folder (notes, lists) are skipped.
-IMAGE_EXTENSIONS = frozenset(ext.lower() for ext in Image.registered_extensions())
+#: PIL also registers endings it can only write (.pdf), which are not images it can read.
+IMAGE_EXTENSIONS = frozenset(ext.lower() for ext, kind in Image.registered_extensions().items() if kind in Image.OPEN)
+#: Endings of images (photos from phones and cameras, vector drawings) that PIL cannot read: such a
+#: file in an image folder is an error naming it, never silently skipped.
+UNREADABLE_IMAGE_EXTENSIONS = (
+    frozenset(
+        {".heic", ".heif", ".svg", ".svgz", ".jxl", ".raw", ".cr2", ".cr3", ".nef", ".arw", ".dng", ".orf", ".rw2"}
+        | {ext.lower() for ext in Image.registered_extensions()}
+    )
+    - IMAGE_EXTENSIONS
+)
+#: Environment variable that raises PIL's limit on the pixels of one image (0: no limit).
+MAX_PIXELS_VARIABLE = "LIGHTNING_META_MAX_IMAGE_PIXELS"
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files of ``folder``, sorted; other files (notes, lists, hidden files) are skipped.
+
+    Raises ValueError naming the file when the folder holds an image that PIL cannot read (a
+    ``.heic`` photo, an ``.svg`` drawing), which would otherwise be left out without a word.
+    """
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    unreadable = [p for p in files if p.suffix.lower() in UNREADABLE_IMAGE_EXTENSIONS]
+    if unreadable:
+        names = ", ".join(p.name for p in unreadable[:3]) + (" ..." if len(unreadable) > 3 else "")
+        raise ValueError(
+            f"{folder} holds {len(unreadable)} image(s) in a format PIL cannot read ({names}); convert them to "
+            ".png or .jpg, or move them out of the folder"
+        )
+    return [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+
+
+def _pixel_limit() -> int | None:
+    """PIL's pixel limit, raised by ``LIGHTNING_META_MAX_IMAGE_PIXELS`` when set (0: none)."""
+    value = os.environ.get(MAX_PIXELS_VARIABLE, "").strip()
+    if not value:
+        return Image.MAX_IMAGE_PIXELS
+    try:
+        limit = int(float(value))
+    except ValueError:
+        raise ValueError(f"{MAX_PIXELS_VARIABLE}={value!r} must be a whole number of pixels (0 for no limit)") from None
+    return None if limit <= 0 else limit
 
 
 # ----------------------------------------------------------------------------- cache placement
@@ -98,15 +140,30 @@ def decode_image(source: bytes | Path, size: int, mode: str, name: str | None = 
     path) when PIL cannot read it.
     """
     label = name if name is not None else str(source)
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, _pixel_limit()
     try:
-        with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as im:
+        im = Image.open(source if isinstance(source, Path) else io.BytesIO(source))
+    except Image.DecompressionBombError as err:  # PIL refuses twice its limit (and warns above it)
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        pixels = f"{int(found.group(1)):,} pixels" if found else "more pixels"
+        raise ValueError(
+            f"image '{label}' has {pixels}, above PIL's limit of {Image.MAX_IMAGE_PIXELS:,} (a guard against "
+            f"decompression bombs); if you trust the file, raise the limit with {MAX_PIXELS_VARIABLE}="
+            f"{int(found.group(1)) if found else 0} (0 for none), or shrink the image"
+        ) from err
+    except (OSError, ValueError, SyntaxError) as err:
+        raise ValueError(f"cannot decode image '{label}' ({err}); the file is corrupt or not an image") from err
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    try:
+        with im:
             if im.format == "JPEG":
                 im.draft(mode, (size, size))  # decode at a reduced scale that is still >= size: much faster
             converted = im.convert(mode)
             if converted.size != (size, size):
                 converted = converted.resize((size, size), Image.Resampling.LANCZOS)
             array = np.asarray(converted, dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+    except (OSError, ValueError, SyntaxError) as err:
         raise ValueError(f"cannot decode image '{label}' ({err}); the file is corrupt or not an image") from err
     tensor = torch.from_numpy(array.copy())
     return tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1)
@@ -309,6 +366,8 @@ class CachedImageBundle(EpisodicDataModule):
         stamp = [self.cache_params(), files_stamp(files, self.root)]
         path = self.cache_path(split)
         saved = load_cache(path, self.cache_version, stamp)
+        if saved is None and self.cache_dir:
+            self._check_cache_dir(path.parent)
         if saved is not None:
             data = ClassImages(saved["images"], saved["offsets"], list(saved["names"]))
         else:
@@ -318,6 +377,19 @@ class CachedImageBundle(EpisodicDataModule):
         data = self.after_load(split, data)
         self._loaded[split] = data
         return data
+
+    def _check_cache_dir(self, folder: Path) -> None:
+        """Raise ValueError before the slow read when the given ``cache_dir`` cannot take the new cache file."""
+        existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+        if existing is not None and existing.is_dir() and writable(existing):
+            return
+        why = "is not a folder" if existing is not None and not existing.is_dir() else "is not writable"
+        shown = folder if existing == folder else existing
+        raise ValueError(
+            f"cache_dir={self.cache_dir!r}: {shown} {why}, so the {type(self).__name__} image cache cannot be "
+            f"written there; pass a writable folder as --data.cache_dir, or leave cache_dir unset (the cache then "
+            f"goes beside the data, or under ~/.cache/lightning_meta when the data folder is read-only)"
+        )
 
     def prepare_data(self) -> None:
         """Read every split once and write the caches, on one process.
@@ -405,6 +477,8 @@ __all__ = [
     "PICKLE_GLOBALS",
     "ArrayUnpickler",
     "UnsafePickleError",
+    "MAX_PIXELS_VARIABLE",
+    "UNREADABLE_IMAGE_EXTENSIONS",
     "cache_folder",
     "check_hwc",
     "class_offsets",
@@ -413,6 +487,7 @@ __all__ = [
     "decode_images",
     "files_stamp",
     "gather_hwc",
+    "image_files",
     "group_by_label",
     "inverted",
     "load_cache",

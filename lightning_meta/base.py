@@ -17,6 +17,7 @@ from torchmetrics import MeanMetric, Metric
 from datamodules.episodes import EpisodeBatch, as_episode_batch
 
 from .backbones import to_channels_last
+from .backbones.inputs import check_backbone_fits_data
 from .functional import adaptation_curve_steps  # noqa: F401  (re-exported)
 from .metrics import ConfidenceInterval95, episode_accuracy
 
@@ -104,7 +105,8 @@ class EpisodicModule(pl.LightningModule):
     Args:
         backbone: the network (an ``nn.Module``, e.g. :class:`~lightning_meta.backbones.Conv4`).
         optimizer: outer-loop optimizer factory (Adam, lr 1e-3 by default).
-        lr_scheduler: optional scheduler factory, stepped once per epoch.
+        lr_scheduler: optional scheduler factory, stepped once per epoch; ``ReduceLROnPlateau`` watches
+            ``val/loss``.
     """
 
     #: True for algorithms that take gradients at validation and test time (MAML, Reptile).
@@ -244,6 +246,12 @@ class EpisodicModule(pl.LightningModule):
             return logits
         return at_least_float32(logits).softmax(-1)
 
+    def setup(self, stage: str) -> None:
+        """Check that the datamodule's inputs fit the backbone (images for an MLP, another image size)."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None:
+            check_backbone_fits_data(self.backbone, datamodule)
+
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         cls = type(self)
@@ -281,4 +289,9 @@ class EpisodicModule(pl.LightningModule):
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        config: dict[str, Any] = {"scheduler": scheduler, "interval": "epoch"}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            # Lightning steps it with a logged metric, which the CLI gives no way to name: the validation
+            # loss (its default mode is "min"), or the monitor of Lightning's own cli.ReduceLROnPlateau.
+            config["monitor"] = getattr(scheduler, "monitor", None) or "val/loss"
+        return {"optimizer": optimizer, "lr_scheduler": config}

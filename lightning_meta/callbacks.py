@@ -235,6 +235,26 @@ def _config_value(pl_module: pl.LightningModule, datamodule: Any, key: str) -> t
     return None
 
 
+def constant_prediction_loss(batch: Any) -> float | None:
+    """The loss of a constant prediction on a batch of episodes: what any sane first step stays near.
+
+    ``log(ways)`` for classification (uniform class probabilities), the mean squared deviation of
+    the query targets from their task's mean for regression, None for other batches. Reads the
+    labels on the host (one sync), so it is meant for the first step only.
+    """
+    if not (isinstance(batch, EpisodeBatch) or (isinstance(batch, tuple | list) and len(batch) == 4)):
+        return None
+    episodes = as_episode_batch(batch)
+    if not isinstance(episodes.query_y, torch.Tensor) or episodes.query_y.numel() == 0:
+        return None
+    if episodes.query_y.is_floating_point():
+        targets = episodes.query_y.detach().float()
+        targets = targets.reshape(targets.shape[0], targets.shape[1], -1)  # [tasks, items, outputs]
+        return float((targets - targets.mean(1, keepdim=True)).pow(2).mean())
+    ways = int(episodes.support_y.max()) + 1
+    return math.log(ways) if ways > 1 else None
+
+
 class DivergenceGuard(pl.Callback):
     """Stop a fit whose loss diverges, with an error that names the likely cause, instead of finishing green.
 
@@ -243,7 +263,13 @@ class DivergenceGuard(pl.Callback):
     - a training loss (the ``training_step`` output) is NaN or infinite;
     - a training loss, a training epoch's mean loss or ``val/loss`` is more than ``factor`` times
       the reference: the loss of the first training step (the untrained model, which gradient
-      descent should only improve on) or the lowest epoch mean of the same quantity so far.
+      descent should only improve on) or the lowest epoch mean of the same quantity so far;
+    - the first training step's loss is already more than ``factor`` times the loss of a constant
+      prediction on its batch (uniform class probabilities, ``log(ways)``; the mean target for
+      regression), so a step size that blows up the very first inner loop stops at once; that
+      constant loss then also caps the reference;
+    - ``val/loss`` is more than ``factor`` times the first training step's reference, also at the
+      first validation (when it has no validation reference yet).
 
     A factor of 1e4 is far outside the noise of episodic losses (a few x between batches) and far
     inside a divergence (MAML with ``inner_lr=0.4`` on sinusoids climbs by 1e8 within epochs). The
@@ -284,18 +310,24 @@ class DivergenceGuard(pl.Callback):
             "or clip gradients with --trainer.gradient_clip_val 1.0"
         )
 
-    def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, what: str, key: str, value: float) -> None:
+    def _check(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        what: str,
+        key: str,
+        value: float,
+        reference: float | None = None,
+        of: str = "its reference",
+    ) -> None:
         where = f"at step {trainer.global_step} (epoch {trainer.current_epoch})"
         if not math.isfinite(value):
             problem = f"{what} is {value} {where}: training diverged"
         else:
-            reference = self.reference.get(key)
+            reference = self.reference.get(key) if reference is None else reference
             if reference is None or value <= self.factor * max(reference, 1e-12):
                 return
-            problem = (
-                f"{what} is {value:.4g} {where}, over {self.factor:g} x its reference {reference:.4g}: "
-                "training diverged"
-            )
+            problem = f"{what} is {value:.4g} {where}, over {self.factor:g} x {of} {reference:.4g}: training diverged"
         cause = self._cause(trainer, pl_module)
         raise DivergenceError(f"{problem}. {cause[:1].upper()}{cause[1:]}")
 
@@ -315,9 +347,15 @@ class DivergenceGuard(pl.Callback):
         if not first and loss.device.type != "cpu" and trainer.global_step % self.check_every_n_steps:
             return
         value = float(loss)
-        self._check(trainer, pl_module, "train/loss", "train/loss", value)
         if first:
-            self.reference["train/loss"] = value
+            constant = constant_prediction_loss(batch)
+            if constant is not None:
+                self._check(trainer, pl_module, "train/loss", "", value, constant,
+                            "the loss of a constant prediction on this batch,")  # fmt: skip
+                value = min(value, constant)
+            self.reference["train/loss"] = self.reference["train/first"] = value
+            return
+        self._check(trainer, pl_module, "train/loss", "train/loss", value)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._sum is None or not self._count:
@@ -332,6 +370,9 @@ class DivergenceGuard(pl.Callback):
             return
         loss = float(value)
         self._check(trainer, pl_module, "val/loss", "val/loss", loss)
+        # The first validation has no reference of its own: the first training steps' loss is one.
+        first = self.reference.get("train/first")
+        self._check(trainer, pl_module, "val/loss", "", loss, first, "the first training steps' loss")
         self.reference["val/loss"] = min(self.reference.get("val/loss", loss), loss)
 
     def state_dict(self) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 import re
@@ -10,7 +11,9 @@ import traceback
 from pathlib import Path
 from typing import Any, NoReturn
 
-from lightning.pytorch import LightningModule, Trainer
+import torch
+import yaml
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -103,6 +106,148 @@ def summarize_parse_error(message: str) -> str | None:
     return f"{shown}: {reason}"
 
 
+_UNKNOWN_CLASS = (
+    r"Problem with given class_path '([^']+)':\s*\n\s*(?:module|No module)",
+    r"Expected a path but (\S+) either not accessible",
+    r"Expected a dot import path string: (\S+)",
+)
+
+
+def _importable(path: str) -> bool:
+    module_name, _, name = path.rpartition(".")
+    if not module_name:
+        return False
+    try:
+        return hasattr(importlib.import_module(module_name), name)
+    except Exception:  # a missing or broken module: not importable
+        return False
+
+
+def known_classes(key: str) -> dict[str, str]:
+    """Short name -> import path of the classes lightning-meta offers for ``key`` ("model", "data", else a network)."""
+    import datamodules.rl
+    import lightning_meta
+    import lightning_meta.backbones
+
+    if key in ("optimizer", "lr_scheduler"):
+        module = torch.optim if key == "optimizer" else torch.optim.lr_scheduler
+        lr = torch.optim.lr_scheduler
+        kinds: Any = torch.optim.Optimizer if key == "optimizer" else (lr.LRScheduler, lr.ReduceLROnPlateau)
+        names = [n for n in dir(module) if n[:1].isupper() and n not in ("Optimizer", "LRScheduler")]
+        return {n: f"{module.__name__}.{n}" for n in names if isinstance(getattr(module, n), type)
+                and issubclass(getattr(module, n), kinds)}  # fmt: skip
+    base: type
+    if key == "data":
+        packages, base = [datamodules, datamodules.rl], LightningDataModule
+    elif key == "model":
+        packages, base = [lightning_meta], LightningModule
+    else:
+        packages, base = [lightning_meta.backbones], torch.nn.Module
+    bases = {*lightning_meta.BASE_CLASSES, "EpisodicDataModule", "TaskDistribution"}
+    found: dict[str, str] = {}
+    for package in packages:
+        for name in getattr(package, "__all__", []):
+            value = getattr(package, name, None)
+            if isinstance(value, type) and issubclass(value, base) and name not in bases:
+                found.setdefault(name, f"{package.__name__}.{name}")
+    return found
+
+
+def summarize_unknown_class(message: str) -> str | None:
+    """One line for a class name that cannot be imported: the option, the name, near names and where to look.
+
+    jsonargparse reports ``--model NoSuchNet`` as ``Parser key "model":`` with the reason lines below;
+    None when the message is about something else.
+    """
+    found = None
+    for pattern in _UNKNOWN_CLASS:
+        for match in re.finditer(pattern, message):
+            if not _importable(match.group(1)) and (found is None or match.start() < found.start()):
+                found = match
+    if found is None:
+        return None
+    value = found.group(1)
+    keys = [k for k in re.findall(r'Parser key "([^"]+)"', message[: found.start()])]
+    key = ".".join(dict.fromkeys(keys)) or "model"
+    offered = known_classes(keys[-1] if keys else "model")
+    short = value.rpartition(".")[2]
+    near = difflib.get_close_matches(short, list(offered), n=3, cutoff=0.6)
+    near += [n for n in offered if n.lower() == short.lower() and n not in near]
+    hint = f"did you mean {' or '.join(offered[n] for n in near)}? " if near else ""
+    hint += "known classes: " if hint else "the known classes are "
+    module_name = value.rpartition(".")[0]
+    if module_name and module_name not in {p.rpartition(".")[0] for p in offered.values()}:
+        where = f"'{module_name}' has no such class or cannot be imported"
+    else:
+        where = "no class of that name is known here"
+    listing = ", ".join(sorted(offered))
+    return (
+        f"--{key}={value}: unknown class ({where}); {hint}{listing}; or give the full "
+        "import path of your own class (my_package.MyClass), importable from the current folder or sys.path"
+    )
+
+
+def check_config_files(argv: list[str]) -> None:
+    """Raise ValueError naming the file and line of a ``--config`` that is not a YAML mapping of settings.
+
+    jsonargparse reports a tab in the indentation without the file's name, and an empty file as
+    ``Unexpected config:`` and nothing more.
+    """
+    given = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("-c", "--config")]
+    given += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    for name in given:
+        path = Path(name).expanduser()
+        if not path.is_file():
+            continue  # jsonargparse reports a missing file, and a --config may be YAML text itself
+        try:
+            text = path.read_text()
+            loaded = yaml.safe_load(text)
+        except UnicodeDecodeError as err:
+            raise ValueError(f"--config {name} is not a text file ({err}); pass a YAML config") from err
+        except yaml.YAMLError as err:
+            tabbed = next((n for n, line in enumerate(text.splitlines(), 1)
+                           if "\t" in line[: len(line) - len(line.lstrip(" \t"))] and line.strip()), None)  # fmt: skip
+            if tabbed is not None:
+                raise ValueError(
+                    f"--config {name}, line {tabbed}: a tab in the indentation; YAML indents with spaces only, "
+                    "so replace the tab by spaces"
+                ) from err
+            mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+            where = f", line {mark.line + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ValueError(f"--config {name}{where}: not valid YAML ({problem}); fix the file") from err
+        if loaded is None:
+            raise ValueError(
+                f"--config {name} is empty; give it the settings of a run (model:, data:, trainer:, as in "
+                "configs/<algorithm>/*.yaml), or leave --config out"
+            )
+        if not isinstance(loaded, dict):
+            raise ValueError(
+                f"--config {name} holds a {type(loaded).__name__}, not settings; a config is a mapping of keys "
+                "(model:, data:, trainer:), as in configs/<algorithm>/*.yaml"
+            )
+
+
+#: The Trainer precisions lightning-meta runs: float32 weights, optionally with autocast.
+PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16", "16-mixed", "16")
+
+
+def check_precision(precision: Any) -> None:
+    """Refuse, before anything is built, a ``trainer.precision`` whose weights are not float32.
+
+    Batches reach the model as float32 (the datamodules turn uint8 images into floats on the
+    device), so float64 or bfloat16 weights ("64", "bf16-true", "16-true") failed inside the first
+    convolution with a dtype mismatch.
+    """
+    if str(precision) in PRECISIONS:
+        return
+    raise ValueError(
+        f"--trainer.precision={precision}: lightning-meta keeps float32 weights and feeds float32 batches, so it "
+        f"runs {', '.join(PRECISIONS[::2])} (or their short forms 32, bf16, 16); use bf16-mixed for bfloat16 "
+        "speed with float32 weights, or 32-true for full precision"
+    )
+
+
 class MetaArgumentParser(LightningArgumentParser):
     """LightningArgumentParser whose errors start with one line that names the key and the fix.
 
@@ -113,7 +258,7 @@ class MetaArgumentParser(LightningArgumentParser):
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if not self.exit_on_error:
             super().error(message, ex)
-        summary = summarize_parse_error(message)
+        summary = summarize_unknown_class(message) or summarize_parse_error(message)
         parser = getattr(ex, "subcommand_parser", None) or self
         prog = parser.prog.replace(" [options]", "")
         if summary is not None:
@@ -143,6 +288,8 @@ class MetaCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.get("trainer")
+        if trainer is not None and trainer.get("precision") is not None:
+            check_precision(trainer.get("precision"))
         if trainer is None or trainer.get("precision") is not None:
             return
         choice = default_precision(trainer.get("accelerator", "auto"))
@@ -211,13 +358,16 @@ class MetaCLI(LightningCLI):
 HELP = (
     "Few-shot meta-learning with PyTorch Lightning. `lightning-meta fit --config configs/<algorithm>/<data>.yaml` "
     "trains; `test`/`validate --ckpt_path best` evaluate; `lightning-meta predict --ckpt_path X --support DIR "
-    "--query DIR --output out.csv` classifies your own images (see `lightning-meta predict --help`; with "
-    "--config it is Lightning's predict over the datamodule). Set LIGHTNING_META_DEBUG=1 for full tracebacks."
+    "--query DIR --output out.csv` classifies your own images (see `lightning-meta predict --help`). Set "
+    "LIGHTNING_META_DEBUG=1 for full tracebacks."
 )
-PREDICT_HELP = (
-    "Lightning's predict over a datamodule (class probabilities from predict_step). Without --config/--model, "
-    "`lightning-meta predict --support DIR --query DIR` classifies folders of images instead."
+#: `predict` with a config: Lightning's predict would have no predict_dataloader and nowhere to write.
+PREDICT_WITH_CONFIG = (
+    "`lightning-meta predict` classifies folders of your images: `lightning-meta predict --ckpt_path X --support DIR "
+    "--query DIR --output out.csv` (see `lightning-meta predict --help`); it takes no --config, --model or --data. "
+    "To score a checkpoint on a datamodule's episodes run `lightning-meta test --config <config> --ckpt_path X`"
 )
+PREDICT_HELP = "Classify folders of images: " + PREDICT_WITH_CONFIG.split(": ", 1)[1]
 DEBUG_VARIABLE = "LIGHTNING_META_DEBUG"
 _OUR_PACKAGES = tuple(
     str(Path(p).resolve()) + os.sep for p in (Path(__file__).parent, Path(datamodules.__file__).parent)
@@ -242,6 +392,20 @@ def _raised_on_purpose(error: BaseException) -> BaseException | None:
     return None
 
 
+def _end_progress_line() -> None:
+    """Close the progress bars an exception left open, so the error starts on a line of its own.
+
+    Lightning's bars write to stdout without a newline until they finish; an error during, say, the
+    sanity check was printed at the end of the bar's line.
+    """
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.leave = True  # keep what it showed, and end its line
+        bar.close()
+    sys.stdout.flush()
+
+
 def _is_folder_predict(argv: list[str]) -> bool:
     """``predict`` with ``--support``, or without a config or model (the Trainer path needs one of those)."""
     if not argv or argv[0] != "predict":
@@ -259,11 +423,7 @@ def predict_main(args: list[str]) -> None:
     from .inference import predict_folders
 
     result = auto_cli(predict_folders, args=args, as_positional=False, prog="lightning-meta predict")
-    counted = sum(t is not None and t in result.classes for t in result.true)
-    line = f"wrote {len(result.queries)} predictions over {len(result.classes)} classes to {result.output}"
-    if result.accuracy is not None:
-        line += f"; accuracy {result.accuracy:.3f} on the {counted} queries in class folders"
-    print(line)
+    print(result.summary())
 
 
 def main(args: list[str] | None = None) -> None:
@@ -280,6 +440,7 @@ def main(args: list[str] | None = None) -> None:
         else:
             make_cli(args)
     except Exception as error:
+        _end_progress_line()
         ours = out_of_memory_message(error) or _raised_on_purpose(error)
         if ours is None or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
             raise
@@ -290,6 +451,10 @@ def main(args: list[str] | None = None) -> None:
 
 def make_cli(args: list[str] | None = None, run: bool = True) -> MetaCLI:
     """Build (and with ``run``, run) the :class:`MetaCLI`; returns it so tests can inspect the trainer."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] == "predict" and not _is_folder_predict(argv):
+        raise ValueError(PREDICT_WITH_CONFIG)
+    check_config_files(argv)
     trainer_defaults: dict[str, Any] = {
         "inference_mode": False,
         "callbacks": [EpisodicCheckpoint(), InterruptCheckpoint(), *default_callbacks()],

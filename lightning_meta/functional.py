@@ -29,6 +29,7 @@ The pieces:
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
@@ -167,9 +168,9 @@ class InnerOptimizer(nn.Module):
 
 
 def _check_lr(owner: str, lr: float) -> None:
-    if not lr > 0:  # also catches NaN
+    if not (lr > 0 and math.isfinite(lr)):  # NaN fails the comparison, inf the second test
         raise ValueError(
-            f"{owner}: lr={lr} must be a positive step size; set MAML's or Reptile's inner_lr (or the "
+            f"{owner}: lr={lr} must be a positive, finite step size; set MAML's or Reptile's inner_lr (or the "
             "inner_optimizer's lr) to a value above 0, or inner_steps to 0 for no adaptation"
         )
 

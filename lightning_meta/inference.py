@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from datamodules.episodes import EpisodeBatch
 from datamodules.files import atomic_file
-from datamodules.images import IMAGE_EXTENSIONS, decode_image
+from datamodules.images import decode_image, image_files
 
 from .base import EpisodicModule, at_least_float32
 from .checkpoints import allowed_globals, read_checkpoint, trusting
@@ -110,6 +110,12 @@ def predict_episode(model: EpisodicModule, support_x: Tensor, support_y: Tensor,
         raise ValueError(
             f"support_y {tuple(support_y.shape)} must be [{support_x.shape[0]}], one label per support item"
         )
+    for name, x in (("support_x", support_x), ("query_x", query_x), ("support_y", support_y)):
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise ValueError(
+                f"{name} holds {int((~torch.isfinite(x)).sum())} NaN or infinite value(s); every prediction would "
+                "be NaN: clean or drop those inputs"
+            )
     regression = support_y.is_floating_point()
     if not regression:
         present = torch.unique(support_y)
@@ -152,14 +158,6 @@ def predict_episode(model: EpisodicModule, support_x: Tensor, support_y: Tensor,
 
 
 # ----------------------------------------------------------------------------- folders of images
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
-    )
-
-
 def _first_conv(backbone: nn.Module) -> nn.Module | None:
     return next((m for m in backbone.modules() if isinstance(m, nn.Conv2d | nn.Conv1d | nn.Conv3d)), None)
 
@@ -307,6 +305,8 @@ class FolderPredictions:
         probabilities: ``[Q, N]`` class probabilities.
         true: the class folder of each query (None for a flat query folder).
         accuracy: fraction of labelled queries (folder named like a support class) predicted right.
+        unscored: query class folders not named like any support class (their queries are predicted
+            but not in the accuracy), with their number of queries.
         output: the CSV written.
         preprocessing: how the images were read.
     """
@@ -319,6 +319,25 @@ class FolderPredictions:
     accuracy: float | None
     output: Path
     preprocessing: Preprocessing
+    unscored: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def scored(self) -> int:
+        """How many queries count in the accuracy (in a folder named like a support class)."""
+        return sum(t is not None and t in self.classes for t in self.true)
+
+    def summary(self) -> str:
+        """One line: what was written, and the accuracy over the queries it counts (saying which it does not)."""
+        line = f"wrote {len(self.queries)} predictions over {len(self.classes)} classes to {self.output}"
+        if self.accuracy is not None:
+            line += f"; accuracy {self.accuracy:.3f} on the {self.scored} queries in class folders"
+        if self.unscored:
+            folders = ", ".join(f"{name} ({count})" for name, count in sorted(self.unscored.items()))
+            line += (
+                f"; {sum(self.unscored.values())} queries in folders named like no support class are not scored: "
+                f"{folders}"
+            )
+        return line
 
 
 def predict_folders(
@@ -363,13 +382,18 @@ def predict_folders(
             raise FileNotFoundError(f"{name}={folder} is not a folder; pass the folder of the {name} images")
     if queries_per_episode < 1:
         raise ValueError(f"queries_per_episode={queries_per_episode} must be a positive integer")
+    out = Path(output).expanduser()
+    if out.is_dir():
+        raise ValueError(
+            f"output={output} is a folder; pass the CSV file to write, e.g. --output {out / 'predictions.csv'}"
+        )
     classes = sorted(p.name for p in support_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise ValueError(f"support={support_dir} has no class folders; expected {support_dir}/<class>/<image>")
     support_files: list[Path] = []
     support_labels: list[int] = []
     for label, name in enumerate(classes):
-        found = _images_in(support_dir / name)
+        found = image_files(support_dir / name)
         if not found:
             raise ValueError(
                 f"support class '{name}' ({support_dir / name}) has no image; add at least one image "
@@ -379,11 +403,11 @@ def predict_folders(
         support_labels += [label] * len(found)
     query_files: list[Path] = []
     true: list[str | None] = []
-    for path in _images_in(query_dir):
+    for path in image_files(query_dir):
         query_files.append(path)
         true.append(None)
     for sub in sorted(p for p in query_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for path in _images_in(sub):
+        for path in image_files(sub):
             query_files.append(path)
             true.append(sub.name)
     if not query_files:
@@ -415,11 +439,15 @@ def predict_folders(
     labelled = [(t, p) for t, p in zip(true, predicted, strict=True) if t is not None and t in classes]
     accuracy = sum(t == p for t, p in labelled) / len(labelled) if labelled else None
 
-    out = Path(output).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(out, "predictions CSV", text=True) as f:
         writer = csv.writer(f)
         writer.writerow(["query", "predicted_class", "probability", "true_class", *(f"prob_{c}" for c in classes)])
         for name, guess, p, truth, probs in zip(relative, predicted, best.tolist(), true, probabilities.tolist(),
                                                 strict=True):  # fmt: skip
             writer.writerow([name, guess, f"{p:.6f}", truth or "", *(f"{v:.6f}" for v in probs)])
-    return FolderPredictions(classes, relative, predicted, probabilities, true, accuracy, out, preprocessing)
+    unscored: dict[str, int] = {}
+    for truth in true:
+        if truth is not None and truth not in classes:
+            unscored[truth] = unscored.get(truth, 0) + 1
+    return FolderPredictions(classes, relative, predicted, probabilities, true, accuracy, out, preprocessing, unscored)

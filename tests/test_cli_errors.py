@@ -1,6 +1,7 @@
 """The CLI's errors: one clear line for lightning-meta's own errors, and the cases that used to mislead."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -84,20 +85,6 @@ def test_fit_ckpt_path_last_resumes_the_newest_run(fake_omniglot, tmp_path, monk
     assert resumed.trainer.global_step == 4
 
 
-def test_readme_maml_sinusoid_with_the_default_inner_lr_stops_with_the_cause(tmp_path):
-    command = [str(SCRIPT), "fit", "--model", "MAML", "--model.backbone", "lightning_meta.MLP", "--data", "Sinusoid",
-               "--trainer.max_epochs", "5", "--trainer.enable_progress_bar", "false",
-               # Pinned: the machine's default precision (bf16-mixed with AVX-512 BF16 or AMX) and the timed
-               # task-batching choice round differently, and whether 5 epochs reach the divergence varied.
-               "--trainer.precision", "32", "--model.task_batching", "loop"]  # fmt: skip
-    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2, done.stderr[-3000:]
-    errors = [line for line in done.stderr.splitlines() if line.startswith("lightning-meta: error:")]
-    assert len(errors) == 1 and "training diverged" in errors[0]
-    assert "MAML's inner_lr=0.4 is likely too large for this data; configs/maml/sinusoid.yaml uses 0.01" in errors[0]
-    assert not list(tmp_path.rglob("interrupted.ckpt"))  # a diverged model is not saved for resuming
-
-
 class NaNAfter(ProtoNet):
     """A ProtoNet whose loss turns NaN from a given training step on."""
 
@@ -151,3 +138,144 @@ def test_parse_errors_start_with_the_key_and_value(args, first_line, tmp_path, m
         main(["fit", "--config", str(REPO / "configs" / "maml" / "omniglot_5w1s.yaml"), *args])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.splitlines()[0].startswith(first_line)
+
+
+def first_error_line(args: list[str], capsys) -> str:
+    """The first line ``lightning-meta`` writes to stderr for ``args`` (a usage error, status 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err.splitlines()[0]
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (
+            "model:\n\tclass_path: ProtoNet\n",
+            r"--config {}, line 2: a tab in the indentation; YAML indents with spaces",
+        ),
+        ("", r"--config {} is empty; give it the settings of a run \(model:, data:, trainer:"),
+        ("# only a comment\n", r"--config {} is empty"),
+        ("model:\n  init_args: [1,\n", r"--config {}, line 3: not valid YAML \(.*\); fix the file"),
+        ("- model\n", r"--config {} holds a list, not settings"),
+    ],
+)
+def test_a_broken_config_names_the_file_and_line(text, expected, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LIGHTNING_META_DEBUG", raising=False)
+    Path("run.yaml").write_text(text)
+    line = first_error_line(["fit", "--config", "run.yaml", "--trainer.fast_dev_run", "1"], capsys)
+    assert re.match("lightning-meta: error: " + expected.format(re.escape("run.yaml")), line), line
+
+
+@pytest.mark.parametrize(
+    "args, start, near",
+    [
+        (["--model", "NoSuchNet", "--data", "Omniglot"], "--model=NoSuchNet: unknown class", None),
+        (["--model", "Protonet", "--data", "Omniglot"], "--model=Protonet: unknown class", "lightning_meta.ProtoNet"),
+        (["--model", "ProtoNet", "--data", "datamodules.rl.Navigation3D"], "--data=datamodules.rl.Navigation3D: "
+         "unknown class", "datamodules.rl.Navigation2D"),
+        (["--model", "MAML", "--model.backbone", "lightning_meta.Conv5", "--data", "Sinusoid"],
+         "--model.backbone=lightning_meta.Conv5: unknown class", "lightning_meta.backbones.Conv4"),
+    ],
+)  # fmt: skip
+def test_an_unknown_class_is_named_on_the_first_line_with_near_names(args, start, near, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    line = first_error_line(["fit", *args, "--trainer.fast_dev_run", "1"], capsys)
+    assert line.startswith(f"lightning-meta: error: {start}"), line
+    assert (f"did you mean {near}?" in line) if near else ("did you mean" not in line and "ProtoNet" in line)
+    assert "give the full import path of your own class" in line
+
+
+@pytest.mark.parametrize("precision", ["64", "64-true", "bf16-true", "16-true"])
+def test_a_precision_with_other_than_float32_weights_is_refused_at_start(precision, fake_omniglot, tmp_path,
+                                                                          monkeypatch, capsys):  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LIGHTNING_META_DEBUG", raising=False)
+    args = ["fit", "--config", str(PROTONET), *small_omniglot(fake_omniglot), "--trainer.fast_dev_run", "1"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--trainer.precision", precision])
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lightning-meta: error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"lightning-meta: error: --trainer.precision={precision}: ")
+    assert "32-true, bf16-mixed, 16-mixed" in errors[0]
+    assert not list(tmp_path.rglob("*.ckpt"))  # refused before training
+
+
+def test_predict_output_naming_a_folder_says_to_name_a_file(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LIGHTNING_META_DEBUG", raising=False)
+    for folder in ("support/a", "support/b", "query"):
+        Path(folder).mkdir(parents=True)
+        Image.new("L", (28, 28)).save(Path(folder) / "1.png")
+    Path("out").mkdir()
+    line = first_error_line(["predict", "--ckpt_path", "model.ckpt", "--support", "support", "--query", "query",
+                             "--output", "out"], capsys)  # fmt: skip
+    assert line == "lightning-meta: error: output=out is a folder; pass the CSV file to write, e.g. --output " + str(
+        Path("out") / "predictions.csv"
+    )
+
+
+def test_predict_with_a_config_says_what_to_use_and_help_no_longer_offers_it(fake_omniglot, tmp_path, monkeypatch,
+                                                                             capsys):  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LIGHTNING_META_DEBUG", raising=False)
+    line = first_error_line(["predict", "--config", str(PROTONET), *small_omniglot(fake_omniglot)], capsys)
+    assert line.startswith("lightning-meta: error: `lightning-meta predict` classifies folders of your images: ")
+    assert "it takes no --config" in line and "lightning-meta test --config <config> --ckpt_path X" in line
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "with --config it is Lightning's predict" not in " ".join(capsys.readouterr().out.split())
+
+
+def test_reduce_lr_on_plateau_gets_its_monitor_and_its_short_name_points_to_the_full_one(
+    fake_omniglot, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", str(PROTONET), *small_omniglot(fake_omniglot), "--trainer.fast_dev_run", "1"]
+    line = first_error_line([*args, "--model.lr_scheduler", "ReduceLROnPlateau"], capsys)
+    assert line.startswith("lightning-meta: error: --model.lr_scheduler=ReduceLROnPlateau: unknown class")
+    assert "did you mean torch.optim.lr_scheduler.ReduceLROnPlateau?" in line and "Conv4" not in line
+    # It used to stop with "The lr scheduler dict must include a monitor".
+    cli = make_cli([*args, "--model.lr_scheduler", "torch.optim.lr_scheduler.ReduceLROnPlateau"])
+    assert cli.trainer.state.finished and cli.trainer.lr_scheduler_configs[0].monitor == "val/loss"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model.backbone", "lightning_meta.MLP"], "--model.backbone MLP takes vectors of in_features=1 values, "
+         "but Omniglot gives 28x28 images; use an image backbone such as lightning_meta.Conv4"),
+        (["--data.image_size", "40", "--model.init_args.backbone.init_args.pooling", "max"],
+         "the backbone Conv4 was built for image_size=28 (its head takes that size's features) but Omniglot "
+         "gives image_size=40; set --model.backbone.init_args.image_size 40 or --data.image_size 28"),
+    ],
+)  # fmt: skip
+def test_a_backbone_that_cannot_take_the_data_is_named_at_setup(args, message, fake_omniglot, tmp_path, monkeypatch,
+                                                                 capsys):  # fmt: skip
+    # Both used to fail inside a matrix product ("mat1 and mat2 shapes cannot be multiplied").
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LIGHTNING_META_DEBUG", raising=False)
+    config = REPO / "configs" / "maml" / "omniglot_5w1s.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), *small_omniglot(fake_omniglot), "--trainer.fast_dev_run", "1",
+              "--model.init_args.backbone.init_args.out_features", "2", *args])  # fmt: skip
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lightning-meta: error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"lightning-meta: error: {message}")
+
+
+def test_an_error_during_the_sanity_check_starts_on_a_line_of_its_own(fake_omniglot, tmp_path):
+    # The progress bar's line was left open and the error printed at its end.
+    args = [*small_omniglot(fake_omniglot), "--trainer.enable_progress_bar", "true"]
+    command = [str(SCRIPT), "fit", "--config", str(PROTONET), *args, "--model.backbone.init_args.in_channels", "3"]
+    env = {k: v for k, v in os.environ.items() if k != "LIGHTNING_META_DEBUG"}
+    done = subprocess.run(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=180, env=env)  # fmt: skip
+    assert done.returncode == 2 and "Sanity Checking" in done.stdout, done.stdout[-3000:]
+    lines = done.stdout.splitlines()
+    errors = [line for line in lines if "lightning-meta: error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("lightning-meta: error: the data has 1 channel(s)"), errors

@@ -214,3 +214,50 @@ def test_predict_help_and_top_level_help():
     assert "--support" in out and "--query" in out and "--invert" in out
     out = subprocess.run([str(SCRIPT), "--help"], capture_output=True, text=True, check=True).stdout
     assert "lightning-meta predict --ckpt_path" in " ".join(out.split())
+
+
+def test_the_summary_counts_the_queries_it_scores_and_names_the_folders_it_does_not(fake_omniglot, tmp_path,
+                                                                                   monkeypatch):  # fmt: skip
+    # A query folder named like no support class ("c") was predicted but left out of the accuracy unsaid.
+    monkeypatch.chdir(tmp_path)
+    args = [
+        "fit",
+        "--config",
+        str(PROTONET),
+        "--data.root",
+        str(fake_omniglot),
+        "--data.rotations",
+        "false",
+        "--data.ways",
+        "2",
+        "--data.train_ways",
+        "2",
+        "--data.queries",
+        "3",
+        "--trainer.max_steps",
+        "1",
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.precision",
+        "32",
+    ]
+    ckpt = Path(make_cli(args).trainer.log_dir) / "checkpoints" / "last.ckpt"  # fmt: skip
+    for name in ("support/a/1.png", "support/b/1.png", "query/a/2.png", "query/c/3.png", "query/c/4.png",
+                 "query/5.png"):  # fmt: skip
+        png(tmp_path / name)
+    result = predict_folders(str(ckpt), "support", "query", output="out.csv")
+    assert len(result.queries) == 4 and result.scored == 1 and result.unscored == {"c": 2}
+    summary = result.summary()
+    assert "wrote 4 predictions over 2 classes to out.csv; accuracy " in summary
+    assert summary.endswith("on the 1 queries in class folders; 2 queries in folders named like no support class "
+                            "are not scored: c (2)")  # fmt: skip
+
+
+@pytest.mark.parametrize("part", ["support_x", "query_x"])
+def test_non_finite_inputs_are_refused_instead_of_predicting_nan(part):
+    x = {"support_x": torch.rand(2, 1, 28, 28), "query_x": torch.rand(3, 1, 28, 28)}
+    x[part][0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=f"{part} holds 1 NaN or infinite value"):
+        predict_episode(ProtoNet(Conv4(hidden=8)), x["support_x"], torch.tensor([0, 1]), x["query_x"])

@@ -1,5 +1,6 @@
 """The README's code must run as written: its Python blocks, its CLI commands' keys, the short-name example."""
 
+import os
 import re
 import shlex
 import subprocess
@@ -110,6 +111,25 @@ def test_readme_short_name_sinusoid_command_learns(tmp_path, monkeypatch):
     # Meta-learned: three inner steps of lr 0.01 halve the query loss of the learned initialisation
     # (measured 3.34 -> 1.78); with the default inner_lr 0.4 the run diverged to 6e16.
     assert metrics["val/loss"] < 0.7 * metrics["val_adapt/loss_step_0"], metrics
+
+
+@pytest.mark.parametrize("precision", ["32", "bf16-mixed"])
+def test_readme_sinusoid_command_with_the_default_inner_lr_stops_with_an_error_naming_it(precision, tmp_path):
+    # The README: "MAML's `inner_lr: 0.4` diverges on sinusoid regression [...], and the run then stops
+    # with an error that names `inner_lr`". Its command without `--model.inner_lr 0.01`, task batching
+    # left to `auto` and the precision given both ways (bf16-mixed is the default on CPUs with AMX).
+    assert "and the run then stops with an error that names `inner_lr`" in " ".join(README.split())
+    words = next(c for c in commands() if "--model" in c and "Sinusoid" in c)
+    at = words.index("--model.inner_lr")
+    words = [*words[:at], *words[at + 2 :], "--trainer.max_epochs", "2"]
+    command = [str(SCRIPT), *words, "--trainer.enable_progress_bar", "false", "--trainer.precision", precision]
+    env = {k: v for k, v in os.environ.items() if k != "LIGHTNING_META_DEBUG"}
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=400, env=env)
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("lightning-meta: error:")]
+    assert len(errors) == 1 and "training diverged" in errors[0], done.stderr[-3000:]
+    assert "MAML's inner_lr=0.4 is likely too large for this data; configs/maml/sinusoid.yaml uses 0.01" in errors[0]
+    assert not list(tmp_path.rglob("interrupted.ckpt"))  # a diverged model is not saved for resuming
 
 
 def test_importing_the_packages_does_not_import_learn2learn():

@@ -170,6 +170,7 @@ class PretrainedModule(EpisodicModule):
 
     def setup(self, stage: str) -> None:
         """Check the datamodule serves labelled batches (fit) and size the classifier from its classes."""
+        super().setup(stage)
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if stage != "fit" or datamodule is None:
             return

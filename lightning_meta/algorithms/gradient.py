@@ -52,8 +52,10 @@ class GradientModule(EpisodicModule):
             expressions (:func:`~lightning_meta.functional.select_params`).
         inner_steps: inner steps during training.
         inner_steps_eval: inner steps during validation, test and predict.
-        task_batching: ``"loop"``, ``"vmap"`` or (where allowed) ``"auto"``, which times both on the
-            first batch of training and of evaluation and keeps the faster.
+        task_batching: ``"loop"``, ``"vmap"`` or (where allowed) ``"auto"``, which times the ways on
+            the first training batch and keeps the fastest. The choice is saved in checkpoints, so a
+            resumed fit and a later ``test`` take the same path; evaluation is never timed (it uses
+            training's choice, else ``"loop"``), so two evaluations of a checkpoint give the same numbers.
         channels_last: channels-last memory format for the backbone and the image batches.
         adaptation_curve: return the query loss along the inner loop in validation and test.
         optimizer: outer optimizer factory.
@@ -242,14 +244,33 @@ class GradientModule(EpisodicModule):
         if self.channels_last:
             batch = batch._replace(support_x=to_channels_last(batch.support_x), query_x=to_channels_last(batch.query_x))
         mode = self.task_batching
-        if mode == "auto":  # timed separately for training and evaluation, which differ in cost
-            if self.inner_optimizer.persistent:
-                mode = "loop"
-            else:
-                if self.training not in self._chosen_batching:
-                    self._chosen_batching[self.training] = self._time_task_batching(batch)
-                mode = self._chosen_batching[self.training]
+        if mode == "auto":
+            mode = self.auto_task_batching(batch)
         return self.run_tasks(batch, mode, curve)
+
+    def auto_task_batching(self, batch: EpisodeBatch) -> str:
+        """The path ``task_batching="auto"`` takes: timed once, on the first training batch, then kept.
+
+        Paths agree only up to rounding, so a choice made by timing would make results depend on the
+        machine's load. Evaluation is therefore never timed: it takes training's choice (this run's,
+        or the one saved in the checkpoint), else ``"loop"``.
+        """
+        if self.inner_optimizer.persistent:
+            return "loop"
+        if self.training and True not in self._chosen_batching:
+            self._chosen_batching[True] = self._time_task_batching(batch)
+        return self._chosen_batching.get(True, "loop")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if True in self._chosen_batching:
+            checkpoint["lightning_meta"]["task_batching"] = self._chosen_batching[True]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        chosen = checkpoint.get("lightning_meta", {}).get("task_batching")
+        if chosen in self.task_batchings and chosen != "auto":
+            self._chosen_batching[True] = chosen
 
     def _time_task_batching(self, batch: EpisodeBatch) -> str:
         """Time a step (with its meta-gradient when training) both ways on ``batch``; return the faster.
@@ -285,21 +306,42 @@ class GradientModule(EpisodicModule):
 
     # ------------------------------------------------------------------ checks of the head against the episodes
     @property
+    def headless(self) -> bool:
+        """True when the network ends in the backbone's embedding: no explicit head and none in the backbone."""
+        if self.head is not None or isinstance(getattr(self.backbone, "head", None), nn.Module):
+            return False
+        return getattr(self.backbone, "out_features", None) is None and isinstance(
+            getattr(self.backbone, "embedding_dim", None), int
+        )
+
+    @property
     def head_outputs(self) -> int | None:
         """The network's number of outputs, or None when it cannot tell (then nothing is checked).
 
-        The explicit head's ``out_features``, else the backbone's ``head.out_features`` or ``out_features``.
+        The explicit head's ``out_features``, else the backbone's ``head.out_features`` or
+        ``out_features``, else, for a headless backbone (ProtoNet's Conv4), its ``embedding_dim``.
         """
         holder = self.head if self.head is not None else getattr(self.backbone, "head", None)
         found = getattr(holder, "out_features", None) if isinstance(holder, nn.Module) else None
         if found is None and self.head is None:
             found = getattr(self.backbone, "out_features", None)
+        if found is None and self.headless:
+            found = self.backbone.embedding_dim
         return found if isinstance(found, int) else None
 
     def _mismatch(self, outputs: int, ways: int, episodes: str, fix: str) -> ValueError:
+        name = type(self).__name__
+        if self.headless:
+            backbone = type(self.backbone).__name__
+            return ValueError(
+                f"{name}'s network has no head: {backbone} ends in its {outputs}-d embedding, which {name} would "
+                f"read as {outputs} class scores, but {episodes} are {ways}-way; give the backbone a head with "
+                f"--model.backbone.init_args.out_features {ways} (a config written for ProtoNet or MatchingNet has "
+                f"none: start from configs/{name.lower()}/), or pass an explicit head"
+            )
         where = "head.out_features" if self.head is not None else "backbone.out_features"
         return ValueError(
-            f"{type(self).__name__}'s head has {outputs} outputs but {episodes} are {ways}-way; set the head's "
+            f"{name}'s head has {outputs} outputs but {episodes} are {ways}-way; set the head's "
             f"out_features ({where}) to {ways} {fix}"
         )
 
@@ -324,6 +366,7 @@ class GradientModule(EpisodicModule):
 
     def setup(self, stage: str) -> None:
         """Check that the head has one output per way of the datamodule's episodes in the splits ``stage`` uses."""
+        super().setup(stage)
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         outputs = self.head_outputs
         if datamodule is None or outputs is None or not hasattr(datamodule, "episode_shape"):

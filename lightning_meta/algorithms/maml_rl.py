@@ -19,7 +19,7 @@ from ..rl.callbacks import TrajectoryImages
 from ..rl.losses import ppo_clip_loss, ratio_loss, trpo_step
 from ..rl.module import MetaRLModule, start_timer
 from ..rl.policies import Policy, make_policy
-from ..rl.returns import discounted_returns, gae, linear_baseline, normalize
+from ..rl.returns import check_discounts, discounted_returns, gae, linear_baseline, normalize
 from ..rl.rollout import Trajectories, rollout
 
 
@@ -84,6 +84,7 @@ class MAMLRL(MetaRLModule):
             low = 0 if name == "inner_steps_eval" else 1
             if value < low:
                 raise ValueError(f"MAMLRL: {name}={value} must be at least {low}")
+        check_discounts("MAMLRL", gamma, gae_lambda)
         if not max_kl > 0:
             raise ValueError(f"MAMLRL: max_kl={max_kl} must be positive, e.g. 0.01")
         if inner_optimizer is not None and not isinstance(inner_optimizer, InnerOptimizer):

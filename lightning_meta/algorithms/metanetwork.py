@@ -202,6 +202,7 @@ class MetaNetwork(EpisodicModule):
 
     def setup(self, stage: str) -> None:
         """Check the model's ``ways`` against the datamodule's episodes in the splits ``stage`` uses."""
+        super().setup(stage)
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is None or not hasattr(datamodule, "episode_shape"):
             return

@@ -113,7 +113,7 @@ class Reptile(GradientModule):
 
     def configure_optimizers(self) -> Any:
         config = super().configure_optimizers()
-        if isinstance(config, dict):  # the paper anneals per outer step, not per epoch
+        if isinstance(config, dict) and "monitor" not in config["lr_scheduler"]:  # per outer step, as the paper
             config["lr_scheduler"]["interval"] = "step"
         return config
 

@@ -14,7 +14,7 @@ from datamodules.rl.base import TaskEnv
 from ..rl.losses import ppo_clip_loss
 from ..rl.module import MetaRLModule, start_timer
 from ..rl.policies import GRUPolicy
-from ..rl.returns import gae, normalize
+from ..rl.returns import check_discounts, gae, normalize
 
 
 class RL2(MetaRLModule):
@@ -61,6 +61,7 @@ class RL2(MetaRLModule):
         for name, value in {**counts, "ppo_epochs": ppo_epochs}.items():
             if value < 1:
                 raise ValueError(f"RL2: {name}={value} must be at least 1")
+        check_discounts("RL2", gamma, gae_lambda)
         self.save_hyperparameters(ignore=["optimizer"])
         self.hidden_size, self.init_std = hidden_size, init_std
         self.episodes_per_trial, self.trials = episodes_per_trial, trials

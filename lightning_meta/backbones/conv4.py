@@ -72,6 +72,9 @@ class Conv4(nn.Module):
         self.features = nn.Sequential(*layers)
         self.pooling = pooling
         self.embedding_dim = hidden if pooling == "stride" else hidden * size * size
+        self.image_size = image_size
+        #: Whether only ``image_size`` images fit: a head after a flattened max-pooled map needs its size.
+        self.fixed_image_size = pooling == "max" and bool(out_features)
         self.head = nn.Linear(self.embedding_dim, out_features) if out_features else None
 
     def forward(self, x: Tensor) -> Tensor:

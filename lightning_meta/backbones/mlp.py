@@ -23,6 +23,13 @@ class MLP(nn.Module):
             size = width
         layers.append(nn.Linear(size, out_features))
         self.net = nn.Sequential(*layers)
+        self.in_features = in_features
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            what = f"images {tuple(x.shape[-3:])}" if x.dim() >= 4 else f"vectors of {x.shape[-1]} values"
+            raise ValueError(
+                f"MLP takes vectors of in_features={self.in_features} values but got {what}; for images use an "
+                "image backbone (--model.backbone lightning_meta.Conv4), else set the MLP's in_features"
+            )
         return self.net(x)

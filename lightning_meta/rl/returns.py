@@ -2,8 +2,25 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
+
+
+def check_discounts(owner: str, gamma: float, gae_lambda: float) -> None:
+    """Raise ValueError unless the discount ``gamma`` and the GAE ``gae_lambda`` lie in (0, 1].
+
+    A discount above 1 makes returns grow with the horizon instead of converging (Sutton and Barto,
+    eq. 3.8); 0 or less ignores every future reward. Lambda interpolates between one-step TD (0) and
+    Monte Carlo (1) advantages (Schulman et al. 2016, eq. 16); outside [0, 1] it weights far steps more.
+    """
+    for name, value, usual in (("gamma", gamma, "0.99"), ("gae_lambda", gae_lambda, "0.95 or 1.0")):
+        if not (isinstance(value, int | float) and math.isfinite(value) and 0 < value <= 1):
+            raise ValueError(
+                f"{owner}: {name}={value!r} must lie in (0, 1]: a discount factor above 1 makes the returns grow "
+                f"without bound; set --model.{name} to a value in (0, 1], usually {usual}"
+            )
 
 
 def gae(rewards: Tensor, values: Tensor, dones: Tensor, gamma: float = 0.99, lam: float = 1.0) -> Tensor:

@@ -138,9 +138,10 @@ def test_reptile_sgd_string_and_class_give_the_same_meta_step():
     torch.testing.assert_close(steps[0], steps[1])
 
 
-@pytest.mark.parametrize("make", [lambda: SGD(0), lambda: MetaSGD(-0.1), lambda: Momentum(0.0), lambda: Adam(-1e-3)])
-def test_a_non_positive_inner_lr_is_a_clear_error(make):
-    with pytest.raises(ValueError, match=r"must be a positive step size; set MAML's or Reptile's inner_lr"):
+@pytest.mark.parametrize("make", [lambda: SGD(0), lambda: MetaSGD(-0.1), lambda: Momentum(0.0), lambda: Adam(-1e-3),
+                                  lambda: SGD(float("inf")), lambda: SGD(float("nan"))])  # fmt: skip
+def test_a_non_positive_or_non_finite_inner_lr_is_a_clear_error(make):
+    with pytest.raises(ValueError, match=r"must be a positive, finite step size; set MAML's or Reptile's inner_lr"):
         make()
 
 

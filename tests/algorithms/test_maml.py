@@ -5,6 +5,7 @@ from episode_factory import make_episodes
 
 from datamodules import EpisodeBatch, Omniglot, Sinusoid
 from lightning_meta import MAML, MLP, Conv4, Reptile
+from lightning_meta.callbacks import DivergenceError, DivergenceGuard
 
 
 def sine_batch(tasks=4, seed=0):
@@ -184,7 +185,30 @@ def test_auto_task_batching_picks_one_path_per_phase_with_the_loop_results():
     assert set(auto._chosen_batching) == {True} and auto._chosen_batching[True] in ("loop", "vmap", "batched")
     auto.eval()
     auto.episode_loss(batch)
-    assert set(auto._chosen_batching) == {True, False}  # evaluation is timed on its own
+    assert set(auto._chosen_batching) == {True}  # evaluation is never timed: it takes training's choice
+
+
+def test_auto_task_batching_evaluates_the_same_way_run_to_run(tmp_path, monkeypatch):
+    # Timing made two identical `test` runs take different paths (results differing in the 5th digit).
+    torch.manual_seed(0)
+    model = MAML(MLP(), inner_lr=0.01, task_batching="auto")
+    timed = []
+    monkeypatch.setattr(MAML, "_time_task_batching", lambda self, batch: timed.append(self.training) or "vmap")
+    batch = sine_batch()
+    model.eval()
+    first, second = (model.episode_loss(batch).loss for _ in range(2))
+    assert timed == [] and model.auto_task_batching(batch) == "loop"  # no training choice: the fixed default
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    model.train().episode_loss(batch)
+    assert timed == [True] and model.eval().auto_task_batching(batch) == "vmap"
+    # The choice travels in the checkpoint: a later test (or a resumed fit) takes the same path, untimed.
+    checkpoint = {"state_dict": model.state_dict()}
+    model.on_save_checkpoint(checkpoint)
+    assert checkpoint["lightning_meta"]["task_batching"] == "vmap"
+    again = MAML(MLP(), inner_lr=0.01, task_batching="auto")
+    again.on_load_checkpoint(checkpoint)
+    assert again.eval().auto_task_batching(batch) == "vmap" and again.train().auto_task_batching(batch) == "vmap"
+    assert timed == [True]
 
 
 # ---------------------------------------------------------------------- heads (MAML and Reptile share the checks)
@@ -250,7 +274,34 @@ def test_an_explicit_head_after_the_embedding(algorithm, fake_omniglot):
         pl.Trainer(fast_dev_run=1, inference_mode=False, logger=False).fit(model, dm)
 
 
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+def test_a_headless_backbone_is_refused_for_classification(algorithm, fake_omniglot):
+    # `--config configs/protonet/... --model MAML`: ProtoNet's Conv4 ends in its 64-d embedding, which
+    # trained silently as 64 logits on 5-way episodes.
+    model = ALGORITHMS[algorithm](Conv4(track_running_stats=False))
+    assert model.headless and model.head_outputs == 64
+    dm = Omniglot(root=str(fake_omniglot), ways=2, shots=1, queries=1, rotations=False)
+    message = rf"{algorithm}'s network has no head: Conv4 ends in its 64-d embedding, .* are 2-way; give the backbone"
+    with pytest.raises(ValueError, match=message + r" a head with --model.backbone.init_args.out_features 2"):
+        pl.Trainer(fast_dev_run=1, inference_mode=False, logger=False, enable_progress_bar=False).fit(model, dm)
+    with pytest.raises(ValueError, match=message.replace("2-way", "5-way")):  # without a Trainer too
+        model.train().episode_loss(image_batch(tasks=1, ways=5))
+
+
 def test_a_backbone_without_a_known_head_is_not_checked():
     model = MAML(MLP(out_features=3))
     assert model.head_outputs is None
     model.check_episode_ways(image_batch(tasks=1, ways=5))  # nothing to compare with
+
+
+def test_a_huge_inner_lr_stops_within_the_first_steps(fake_omniglot):
+    # The first step's loss is compared with a constant prediction's (log 2 here): an inner_lr of 1e6
+    # used to set the reference itself and only stop at epoch 2.
+    data = Omniglot(str(fake_omniglot), rotations=False, ways=2, queries=3, train_episodes=20, val_episodes=2)
+    model = MAML(Conv4(hidden=8, out_features=2, track_running_stats=False), inner_lr=1e6, task_batching="loop")
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, inference_mode=False,
+                         callbacks=[DivergenceGuard()])  # fmt: skip
+    with pytest.raises(DivergenceError, match=r"train/loss is .* at step 1 .*MAML's inner_lr=1e\+06 is likely too"):
+        trainer.fit(model, datamodule=data)
+    assert trainer.global_step <= 1

@@ -16,7 +16,7 @@ import pytest
 
 from datamodules import CIFARFS, CUB, Omniglot
 from datamodules.download import DownloadError
-from lightning_meta.cli import make_cli
+from lightning_meta.cli import main, make_cli
 
 DATA = Path(__file__).parents[1] / "data"
 pytestmark = pytest.mark.filterwarnings("ignore:.*the official file has", "ignore:the '.*' split of .* classes")
@@ -54,6 +54,22 @@ def test_cli_names_the_bad_setting_and_its_value(key, value, fake_omniglot, tmp_
     assert err.splitlines()[0] == f"lightning-meta: error: --data.{key}={value}: must be a whole number of {rule}"
     assert f'Parser key "{key}"' in err and "Traceback" not in err
     assert len(err.splitlines()) < 30  # not the CLI's hundreds of lines of usage
+
+
+@pytest.mark.parametrize("key", ["ways", "train_ways"])
+def test_one_way_episodes_are_refused(key, fake_omniglot, tmp_path, monkeypatch, capsys):
+    # A 1-way episode trained with loss 0 and val/acc 1.0.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LIGHTNING_META_DEBUG", raising=False)
+    args = ["fit", "--model", "ProtoNet", "--data", "Omniglot", "--data.root", str(fake_omniglot)]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, f"--data.{key}", "1", "--trainer.fast_dev_run", "1"])
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lightning-meta: error:")]
+    assert len(errors) == 1 and f"{key}=1: a 1-way episode has a single class" in errors[0]
+    assert f"set {key} to 2 or more" in errors[0]
+    with pytest.raises(ValueError, match=f"{key}=1: a 1-way episode"):
+        Omniglot(str(fake_omniglot), **{key: 1})
 
 
 def test_yaml_config_with_a_bad_setting_is_a_usage_error(fake_omniglot, tmp_path, monkeypatch, capsys):
@@ -192,3 +208,86 @@ def test_files_put_by_hand_are_used_without_network(no_network, tmp_path):
         shutil.copy(DATA / "omniglot" / name, root / name)
     assert Omniglot(root=str(root), download=True, rotations=False).load_split("test").num_classes == 4
     assert no_network == []
+
+
+# ----------------------------------------------------------------------------- 4. image files and caches
+def image_folder(root: Path, classes: int = 2, per_class: int = 3, size: int = 16) -> Path:
+    from fake_data import write_imagefolder
+
+    return write_imagefolder(root, classes=classes, per_class=per_class, size=size)
+
+
+def test_an_image_above_pils_pixel_limit_is_named_with_the_option_to_raise_it(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from datamodules import EpisodicImageFolder
+
+    root = image_folder(tmp_path / "data")
+    big = root / "train" / "train_class0" / "big.png"
+    Image.new("RGB", (120, 100)).save(big)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)  # PIL refuses twice its limit: 12000 pixels is over
+    monkeypatch.delenv("LIGHTNING_META_MAX_IMAGE_PIXELS", raising=False)
+    dm = EpisodicImageFolder(root=str(root), image_size=16, ways=2, shots=1, queries=1)
+    with pytest.raises(ValueError, match=r"image '.*big.png' has 12,000 pixels, above PIL's limit of 5,000 .*") as err:
+        dm.load_split("train")
+    assert "LIGHTNING_META_MAX_IMAGE_PIXELS=12000" in str(err.value) and "corrupt" not in str(err.value)
+    monkeypatch.setenv("LIGHTNING_META_MAX_IMAGE_PIXELS", "12000")
+    assert len(EpisodicImageFolder(root=str(root), image_size=16).load_split("train").images) == 7
+    assert Image.MAX_IMAGE_PIXELS == 5000  # the limit is raised for our decoding only
+
+
+@pytest.mark.parametrize("name", ["photo.heic", "drawing.svg", "scan.pdf"])
+def test_an_image_in_a_format_pil_cannot_read_is_named_not_skipped(name, tmp_path):
+    from datamodules import EpisodicImageFolder
+
+    root = image_folder(tmp_path / "data")
+    (root / "val" / "val_class1" / name).write_bytes(b"not for PIL")
+    (root / "val" / "val_class1" / "notes.txt").write_text("skipped: not an image")
+    dm = EpisodicImageFolder(root=str(root), image_size=16, ways=2, shots=1, queries=1)
+    with pytest.raises(ValueError, match=rf"val_class1 holds 1 image\(s\) in a format PIL cannot read \({name}\); "
+                                         "convert them to .png or .jpg"):  # fmt: skip
+        dm.load_split("val")
+
+
+def test_a_read_only_cache_dir_is_named_before_reading(tmp_path):
+    from datamodules import EpisodicImageFolder
+
+    root = image_folder(tmp_path / "data")
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    try:
+        dm = EpisodicImageFolder(root=str(root), image_size=16, cache_dir=str(read_only / "cache"))
+        with pytest.raises(ValueError, match=r"cache_dir='.*ro/cache': .*ro is not writable, so the "
+                                             "EpisodicImageFolder image cache cannot be written there; pass a "
+                                             "writable folder as --data.cache_dir"):  # fmt: skip
+            dm.load_split("train")
+        # A cache already built there is read: a read-only shared cache is fine.
+        read_only.chmod(0o755)
+        EpisodicImageFolder(root=str(root), image_size=16, cache_dir=str(read_only / "cache")).load_split("train")
+        read_only.chmod(0o555)
+        (read_only / "cache").chmod(0o555)
+        again = EpisodicImageFolder(root=str(root), image_size=16, cache_dir=str(read_only / "cache"))
+        assert len(again.load_split("train").images) == 6
+    finally:
+        for folder in (read_only, read_only / "cache"):
+            if folder.exists():
+                folder.chmod(0o755)
+
+
+def test_two_image_folders_sharing_a_cache_dir_keep_their_own_caches(tmp_path):
+    from datamodules import EpisodicImageFolder
+
+    first, second = image_folder(tmp_path / "a", classes=2), image_folder(tmp_path / "b", classes=3)
+    cache = tmp_path / "cache"
+    a = EpisodicImageFolder(root=str(first), image_size=16, cache_dir=str(cache))
+    b = EpisodicImageFolder(root=str(second), image_size=16, cache_dir=str(cache))
+    assert a.cache_path("train") != b.cache_path("train")
+    a.load_split("train"), b.load_split("train")
+    assert a.cache_path("train").exists() and b.cache_path("train").exists()  # not one file rebuilt by turns
+    split_a, split_b = tmp_path / "a.json", tmp_path / "b.json"
+    for path in (split_a, split_b):
+        path.write_text('{"train": ["train_class0"], "val": [], "test": []}')
+    one = EpisodicImageFolder(root=str(first / "train"), split_file=str(split_a), image_size=16)
+    two = EpisodicImageFolder(root=str(first / "train"), split_file=str(split_b), image_size=16)
+    assert one.cache_path("train") != two.cache_path("train")

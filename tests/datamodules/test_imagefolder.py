@@ -43,7 +43,8 @@ def test_split_file_over_one_folder_of_classes(tmp_path):
     test = dm.load_split("test")
     assert test.names == ["test_class0", "test_class1", "test_class2"]
     assert test.images.shape == (12, 1, 16, 16)
-    assert (tmp_path / "flat" / "imagefolder_test_16px_1ch.pt").exists()
+    assert dm.cache_path("test").parent == tmp_path / "flat" and dm.cache_path("test").exists()
+    assert dm.cache_path("test").name.startswith("imagefolder_test_16px_1ch_split")
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert batch.support_x.shape == (1, 3, 1, 16, 16) and batch.query_x.shape == (1, 6, 1, 16, 16)

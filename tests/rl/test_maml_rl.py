@@ -80,6 +80,33 @@ def test_bad_settings_name_the_parameter():
         RL2(episodes_per_trial=0)
 
 
+@pytest.mark.parametrize("module", [MAMLRL, RL2])
+@pytest.mark.parametrize("name, value", [("gamma", 1.5), ("gamma", 0.0), ("gae_lambda", 1.2), ("gae_lambda", -0.1),
+                                         ("gamma", float("nan"))])  # fmt: skip
+def test_discount_and_gae_lambda_outside_0_1_are_refused(module, name, value):
+    with pytest.raises(ValueError, match=rf"{module.__name__}: {name}={value!r} must lie in \(0, 1\]"):
+        module(**{name: value})
+
+
+@pytest.mark.parametrize("config", ["maml_rl/navigation2d.yaml", "rl2/bandit.yaml"])
+def test_gamma_above_1_in_an_rl_config_is_refused_with_one_line(config, tmp_path):
+    command = [
+        str(SCRIPT),
+        "fit",
+        "--config",
+        str(REPO / "configs" / config),
+        "--model.gamma",
+        "1.5",
+        "--trainer.fast_dev_run",
+        "1",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "LIGHTNING_META_DEBUG"}
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=180, env=env)
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("lightning-meta: error:")]
+    assert len(errors) == 1 and "gamma=1.5 must lie in (0, 1]" in errors[0], done.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_rl2_later_episodes_of_a_trial_score_higher_than_the_first():
     torch.manual_seed(0)
