@@ -6,11 +6,13 @@ import importlib
 import os
 import re
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
+import yaml
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -22,6 +24,7 @@ from datamodules import EpisodicDataModule
 from . import EpisodicModule
 from .callbacks import EpisodeImages, EpisodesPerSecond, InterruptCheckpoint, default_callbacks
 from .precision import default_precision
+from .runs import config_differences, exit_status, fit_summary, recorded_run, resume_version, slurm_requeue_checkpoint
 
 
 class EpisodicCheckpoint(ModelCheckpoint):
@@ -47,6 +50,13 @@ class EpisodicCheckpoint(ModelCheckpoint):
         if monitor is not None:
             self.monitor, self.mode = monitor
             self.kth_value = torch.tensor(torch.inf if self.mode == "min" else -torch.inf)
+
+    def _save_topk_checkpoint(self, trainer: Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
+        # An epoch resumed mid-way ends before any validation of this process ran: there is nothing
+        # to rank yet, and Lightning's "could not find the monitored key" warning would be noise.
+        if self.monitor not in monitor_candidates and not trainer.fit_loop.epoch_loop.val_loop._has_run:
+            return
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
 
 
 def _runs(trainer: Trainer) -> tuple[Path, list[Path]]:
@@ -228,7 +238,28 @@ class MetaCLI(LightningCLI):
             trainer.callbacks = kept  # type: ignore[attr-defined]
         return trainer
 
+    def _resume_in_place(self) -> None:
+        # A fit resumed from a checkpoint of a run folder continues in that folder (same logger
+        # version); a requeued SLURM job resumes the run its pre-timeout signal stopped.
+        settings = self.config.get("fit") if self.config.get("subcommand") == "fit" else None
+        if settings is None:
+            return
+        if settings.get("ckpt_path") is None:
+            requeued = slurm_requeue_checkpoint(settings.get("trainer", {}).get("default_root_dir"))
+            if requeued is not None:
+                settings["ckpt_path"] = str(requeued)
+                rank_zero_info(f"lightning-meta: SLURM requeue: resuming from {requeued}")
+        ckpt_path = settings.get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        run = recorded_run(ckpt_path)
+        logger = settings.get("trainer", {}).get("logger")
+        if run is not None and resume_version(logger, run) is not None:
+            self._resumed_run = run
+            rank_zero_info(f"lightning-meta: resuming in {run} from {ckpt_path}")
+
     def _parse_ckpt_path(self) -> None:
+        self._resume_in_place()
         # LightningCLI replaces the configured model by the class and hyperparameters saved in
         # --ckpt_path: `test --config configs/maml/... --ckpt_path <a ProtoNet checkpoint>` would
         # silently test a ProtoNet. Refuse a checkpoint of a class unrelated to the configured one.
@@ -251,8 +282,32 @@ class MetaCLI(LightningCLI):
         if not known:
             config["ckpt_path"] = find_checkpoint(self.trainer, which)
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except SystemExit as stop:  # a fit stopped by SIGTERM or Ctrl-C ends with 128 + the signal number
+            status = exit_status(stop, getattr(self, "trainer", None))
+            if status is None:
+                raise
+            raise SystemExit(status) from stop
+
     def before_fit(self) -> None:
         self._resolve(("last",))
+        self._fit_start = time.perf_counter()
+        run = getattr(self, "_resumed_run", None)
+        saved = Path(run, "config.yaml") if run is not None else None
+        if saved is not None and saved.is_file():
+            new = yaml.safe_load(self._parser("fit").dump(self.config["fit"], skip_none=False))
+            changed = config_differences(yaml.safe_load(saved.read_text()) or {}, new)
+            if changed:
+                rank_zero_info(
+                    f"lightning-meta: warning: resuming {run} with settings that differ from its config.yaml "
+                    f"(which this run now overwrites): {'; '.join(changed)}"
+                )
+
+    def after_fit(self) -> None:
+        if self.trainer.is_global_zero and not self.trainer.interrupted:
+            rank_zero_info(fit_summary(self.trainer, time.perf_counter() - self._fit_start))
 
     def before_test(self) -> None:
         self._resolve(("best", "last"))
