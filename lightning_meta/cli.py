@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 import datamodules  # noqa: F401  (registers the bundles for short names in YAML)
 from datamodules import EpisodicDataModule
 
-from . import EpisodicModule
+from . import EpisodicModule, threads
 from .callbacks import EpisodeImages, EpisodesPerSecond, InterruptCheckpoint, default_callbacks
 from .precision import default_precision
 from .runs import config_differences, exit_status, fit_summary, recorded_run, resume_version, slurm_requeue_checkpoint
@@ -221,6 +221,7 @@ class MetaCLI(LightningCLI):
     """
 
     def before_instantiate_classes(self) -> None:
+        rank_zero_info(threads.describe())
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.get("trainer")
         if trainer is None or trainer.get("precision") is not None:
