@@ -24,7 +24,15 @@ from datamodules import EpisodicDataModule
 from . import EpisodicModule, threads
 from .callbacks import EpisodeImages, EpisodesPerSecond, InterruptCheckpoint, default_callbacks
 from .precision import default_precision
-from .runs import config_differences, exit_status, fit_summary, recorded_run, resume_version, slurm_requeue_checkpoint
+from .runs import (
+    config_differences,
+    exit_status,
+    fit_summary,
+    newest_checkpoint,
+    recorded_run,
+    resume_version,
+    slurm_requeue_checkpoint,
+)
 
 
 class EpisodicCheckpoint(ModelCheckpoint):
@@ -370,6 +378,13 @@ def predict_main(args: list[str]) -> None:
 
     from .inference import predict_folders
 
+    for i, word in enumerate(args):  # --ckpt_path best / last: the newest run's, as test and validate accept
+        which = args[i + 1] if word == "--ckpt_path" and i + 1 < len(args) else word.partition("--ckpt_path=")[2]
+        if which in ("best", "last"):
+            found = str(newest_checkpoint(which))
+            args = [*args[:i], "--ckpt_path", found, *args[i + (2 if word == "--ckpt_path" else 1) :]]
+            print(f"lightning-meta predict: --ckpt_path {which} is {found}")
+            break
     result = auto_cli(predict_folders, args=args, as_positional=False, prog="lightning-meta predict")
     counted = sum(t is not None and t in result.classes for t in result.true)
     line = f"wrote {len(result.queries)} predictions over {len(result.classes)} classes to {result.output}"

@@ -161,3 +161,20 @@ def fit_summary(trainer: pl.Trainer, seconds: float) -> str:
     if log_dir is not None:
         lines.append(f"  watch it:        tensorboard --logdir {shlex.quote(str(Path(log_dir).parent))}")
     return "\n".join(lines)
+
+
+def newest_checkpoint(which: str, save_dir: str | Path = "lightning_logs") -> Path:
+    """``best`` or ``last`` for ``lightning-meta predict`` on folders, which has no config to name a run.
+
+    The newest ``best-*.ckpt`` (or ``last.ckpt``) under ``<save_dir>/<name>/version_*/checkpoints``,
+    the runs that ``lightning-meta fit`` wrote from this folder. Raises FileNotFoundError naming the
+    folder searched when there is none.
+    """
+    pattern = "best-*.ckpt" if which == "best" else "last.ckpt"
+    found = [p for p in Path(save_dir).glob(f"*/version_*/checkpoints/{pattern}") if p.is_file()]
+    if not found:
+        raise FileNotFoundError(
+            f"--ckpt_path {which}: no {pattern} under {Path(save_dir).resolve()}/<name>/version_*/checkpoints; run "
+            "`lightning-meta fit` from this folder first, or pass the checkpoint's path"
+        )
+    return max(found, key=lambda p: p.stat().st_mtime)

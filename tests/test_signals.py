@@ -12,9 +12,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_interrupt import fit_args, wait_for
+
+from lightning_meta.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = Path("lightning_logs") / "protonet_omniglot_5w1s"
@@ -96,7 +100,7 @@ def test_ctrl_c_exits_130(fake_omniglot, tmp_path):
     assert (tmp_path / RUN / "version_0" / "checkpoints" / "interrupted.ckpt").is_file()
 
 
-def test_fit_ends_with_a_summary_whose_test_command_runs(fake_omniglot, tmp_path):
+def test_fit_ends_with_a_summary_whose_test_command_runs(fake_omniglot, tmp_path, monkeypatch, capsys):
     status, out = finish(cli([*fit_args(fake_omniglot), "--trainer.max_steps", "8"], tmp_path))
     assert status == 0, out[-3000:]
     run = RUN / "version_0"
@@ -110,6 +114,20 @@ def test_fit_ends_with_a_summary_whose_test_command_runs(fake_omniglot, tmp_path
     status, out = finish(cli(shlex.split(command), tmp_path))
     assert status == 0, out[-3000:]
     assert "test/acc" in out
+
+    # predict on folders takes --ckpt_path best and last too (the newest run's under ./lightning_logs).
+    monkeypatch.chdir(tmp_path)
+    for split, count in (("support", 1), ("query", 2)):
+        for c in range(2):
+            (tmp_path / split / f"c{c}").mkdir(parents=True)
+            for i in range(count):
+                image = np.random.default_rng([c, i]).integers(0, 255, (28, 28), dtype=np.uint8)
+                Image.fromarray(image).save(tmp_path / split / f"c{c}" / f"{i}.png")
+    for which in ("best", "last"):
+        main(["predict", "--ckpt_path", which, "--support", "support", "--query", "query", "--output", "out.csv"])
+        said = capsys.readouterr().out
+        assert f"--ckpt_path {which} is {run}/checkpoints/{'best-' if which == 'best' else 'last.ckpt'}" in said
+        assert "wrote 4 predictions over 2 classes" in said
 
 
 def test_slurm_requeue_resumes_the_stopped_run_in_place(fake_omniglot, tmp_path):
