@@ -138,7 +138,8 @@ def fit_summary(trainer: pl.Trainer, seconds: float) -> str:
     The suggested ``test`` command names the run's ``config.yaml``, which holds every setting of the
     run, command-line overrides included.
     """
-    log_dir = trainer.log_dir if trainer.loggers else None
+    # The logger's own log_dir: Trainer.log_dir broadcasts, a collective that rank 0 alone must not call.
+    log_dir = getattr(trainer.loggers[0], "log_dir", None) if trainer.loggers else None
     callback = trainer.checkpoint_callback
     best = getattr(callback, "best_model_path", "")
     last = getattr(callback, "last_model_path", "")
