@@ -37,7 +37,7 @@ def download(files: Sequence[Remote], folder: Path, what: str, extract: bool = F
         path = folder / file.filename
         if path.exists():
             if extract:  # fetched earlier (or by hand) but not unpacked
-                utils.extract_archive(str(path), str(folder))
+                _unpack(path, folder, what)
             continue
         try:
             utils.download_url(file.url, str(folder), file.filename, md5=file.md5)
@@ -56,7 +56,16 @@ def download(files: Sequence[Remote], folder: Path, what: str, extract: bool = F
                 f"The file was deleted; re-run with download=True, or fetch {file.url} by hand into {folder}"
             ) from err
         if extract:
-            utils.extract_archive(str(path), str(folder))
+            _unpack(path, folder, what)
+
+
+def _unpack(path: Path, folder: Path, what: str) -> None:
+    """Unpack an archive, saying so first: a large one takes a while and prints nothing else."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_info
+    from torchvision.datasets import utils
+
+    rank_zero_info(f"{what}: unpacking {path.name} ({path.stat().st_size / 2**20:.0f} MB) into {folder} ...")
+    utils.extract_archive(str(path), str(folder))
 
 
 __all__ = ["DownloadError", "Remote", "download"]

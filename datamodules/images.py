@@ -19,14 +19,16 @@ import tarfile
 import warnings
 import zipfile
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any, ClassVar
+from typing import IO, Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from PIL import Image
+from tqdm import tqdm
 
 from .augment import random_crop_flip
 from .base import EmptySplitError, EpisodicDataModule, PositiveInt
@@ -131,6 +133,17 @@ def save_cache(path: Path, content: dict[str, Any], what: str) -> None:
         warnings.warn(f"{err}; set cache_dir= to a folder with room", stacklevel=3)
 
 
+_T = TypeVar("_T")
+
+
+def progress(items: Iterable[_T], total: int, what: str, unit: str = "img", delay: float = 2.0) -> Iterator[_T]:
+    """``items`` with a progress bar on stderr, shown once the work has taken ``delay`` seconds (a cache build).
+
+    tqdm comes with Lightning; a short loop prints nothing.
+    """
+    return iter(tqdm(items, total=total, desc=what, unit=unit, delay=delay, leave=False, dynamic_ncols=True))
+
+
 # ----------------------------------------------------------------------------- decoding
 def decode_image(source: bytes | Path, size: int, mode: str, name: str | None = None) -> torch.Tensor:
     """Decode one image file (or its bytes) into a ``[C, size, size]`` uint8 tensor.
@@ -174,7 +187,7 @@ def decode_images(
 ) -> torch.Tensor:
     """Decode many images (see :func:`decode_image`) into one preallocated ``[N, C, size, size]`` uint8 tensor."""
     out = torch.empty(len(sources), 3 if mode == "RGB" else 1, size, size, dtype=torch.uint8)
-    for i, source in enumerate(sources):
+    for i, source in progress(enumerate(sources), len(sources), f"decoding {len(sources)} images at {size}px"):
         out[i] = decode_image(source, size, mode, names[i] if names is not None else None)
     return out
 
@@ -326,6 +339,7 @@ class CachedImageBundle(EpisodicDataModule):
         self.root, self.image_size = Path(root).expanduser(), image_size
         self.augment, self.cache_dir = augment, cache_dir
         self._loaded: dict[str, ClassImages] = {}
+        self._built: list[Path] = []  # caches written by this process, named once by prepare_data
 
     # ------------------------------------------------------------------ hooks for subclasses
     def source_files(self, split: str) -> list[Path]:
@@ -374,6 +388,8 @@ class CachedImageBundle(EpisodicDataModule):
             data = self.read_split(split)
             content = {"images": data.images, "offsets": data.offsets, "names": data.names}
             save_cache(path, {"version": self.cache_version, "stamp": stamp, **content}, type(self).__name__)
+            if path.is_file():
+                self._built.append(path)
         data = self.after_load(split, data)
         self._loaded[split] = data
         return data
@@ -397,11 +413,17 @@ class CachedImageBundle(EpisodicDataModule):
         An empty split (:class:`EmptySplitError`) is skipped here: it is an error only in
         :meth:`setup` for a stage that uses it.
         """
+        self._built = []
         for split in SPLITS:
             try:
                 self.load_split(split)
             except EmptySplitError:
                 continue
+        if self._built:  # said once, after a first run's long silent decoding
+            size = sum(p.stat().st_size for p in self._built) / 2**20
+            names = ", ".join(p.name for p in self._built)
+            folder = self._built[0].parent
+            rank_zero_info(f"{type(self).__name__}: image cache built in {folder} ({names}; {size:.0f} MB)")
 
     def augment_images(self, images: torch.Tensor) -> torch.Tensor:
         """Random crop and flip of training images when ``augment`` (see :func:`random_crop_flip`)."""
@@ -485,6 +507,7 @@ __all__ = [
     "damaged_archive",
     "decode_image",
     "decode_images",
+    "progress",
     "files_stamp",
     "gather_hwc",
     "image_files",

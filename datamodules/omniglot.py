@@ -15,7 +15,7 @@ import torch
 from .base import EmptySplitError, PositiveInt
 from .download import Remote, download
 from .episodes import ClassImages
-from .images import CachedImageBundle, decode_image, read_zip_member, rotated_classes
+from .images import CachedImageBundle, decode_image, progress, read_zip_member, rotated_classes
 
 ZIPS = ("images_background", "images_evaluation")
 URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/{}.zip"
@@ -89,7 +89,7 @@ def read_zip(path: Path, image_size: int) -> tuple[list[str], torch.Tensor]:
             raise ValueError(f"{path} holds no Omniglot images; use the official zip")
         names = sorted(characters)
         images = torch.empty(len(names), DRAWERS, 1, image_size, image_size, dtype=torch.uint8)
-        for c, name in enumerate(names):
+        for c, name in progress(enumerate(names), len(names), f"decoding {path.name}", unit="char"):
             drawings = sorted(characters[name])
             if [d for d, _ in drawings] != list(range(1, DRAWERS + 1)):
                 raise ValueError(

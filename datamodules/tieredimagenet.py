@@ -16,6 +16,7 @@ from .images import (
     decode_image,
     gather_hwc,
     group_by_label,
+    progress,
     read_pickle,
     warn_class_counts,
 )
@@ -135,7 +136,7 @@ class TieredImageNet(CachedImageBundle):
                 )
             # One PNG at a time: a list of all the bytes would double the memory of the 448695 training PNGs.
             images = torch.empty(len(order), 3, self.image_size, self.image_size, dtype=torch.uint8)
-            for k, i in enumerate(order.tolist()):
+            for k, i in progress(enumerate(order.tolist()), len(order), f"decoding {images_path.name}"):
                 where = f"{images_path}[{i}]"
                 images[k] = decode_image(png_bytes(pngs[i], where), self.image_size, "RGB", where)
         data = ClassImages(images, offsets, names)

@@ -4,6 +4,10 @@ Everything a user names in YAML by short name is exported here: the algorithms, 
 the inner optimisers of gradient-based methods, and the inference helpers.
 """
 
+from .threads import apply_cli_policy
+
+apply_cli_policy()  # the lightning-meta command's OpenMP wait policy: must come before torch loads
+
 from . import functional
 from .algorithms import (
     ANIL,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import lightning.pytorch as pl
 import torch
 import yaml
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from torchvision.utils import make_grid
@@ -89,6 +91,7 @@ class EpisodesPerSecond(pl.Callback):
     """``episodes/s`` in the progress bar: this process's training episodes over the wall time between steps.
 
     An exponential moving average over about ten steps; the time spent in validation is left out.
+    ``episodes`` and ``seconds`` total the timed steps of the fit (the CLI's end-of-fit summary).
 
     Args:
         smoothing: weight of the newest step in the moving average.
@@ -98,9 +101,11 @@ class EpisodesPerSecond(pl.Callback):
         self.smoothing = smoothing
         self._last: float | None = None
         self.rate: float | None = None
+        self.episodes, self.seconds = 0, 0.0  # totals over this fit's timed steps (the end-of-fit summary)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last, self.rate = None, None
+        self.episodes, self.seconds = 0, 0.0
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last = None  # the gap since the last epoch's final step holds validation
@@ -117,6 +122,7 @@ class EpisodesPerSecond(pl.Callback):
         tasks = as_episode_batch(batch).num_tasks
         if self._last is not None and now > self._last:
             rate = tasks / (now - self._last)
+            self.episodes, self.seconds = self.episodes + tasks, self.seconds + now - self._last
             self.rate = rate if self.rate is None else (1 - self.smoothing) * self.rate + self.smoothing * rate
             pl_module.log("episodes/s", self.rate, prog_bar=True, logger=False, batch_size=tasks)
         self._last = now
@@ -383,11 +389,17 @@ class DivergenceGuard(pl.Callback):
 
 
 class InterruptCheckpoint(pl.Callback):
-    """Save ``interrupted.ckpt`` when a fit stops on an exception (Ctrl-C, a crash); resuming from it is exact.
+    """Save ``interrupted.ckpt`` when a fit stops on an exception (Ctrl-C, SIGTERM, a crash); resuming from it is exact.
 
     The file goes into the run's checkpoint folder, ``<log dir>/checkpoints`` (beside the CLI's
-    ``last.ckpt``), unless ``dirpath`` is given, and is deleted when the fit ends
-    normally. Resume with ``lightning-meta fit ... --ckpt_path <run>/checkpoints/interrupted.ckpt``.
+    ``last.ckpt``), unless ``dirpath`` is given, and is deleted when the fit ends normally or
+    once a newer checkpoint of the same run exists (a resumed run has moved past it). Resume with
+    ``lightning-meta fit ... --ckpt_path <run>/checkpoints/interrupted.ckpt``. SIGTERM (sent by
+    SLURM, Kubernetes, ``timeout``) reaches it through Lightning's signal handling, which stops the
+    loop at the next batch boundary; :attr:`signal` then records which signal stopped the fit, so
+    the CLI exits with 128 + its number. Every checkpoint of the run records the run folder
+    (:meth:`state_dict`), so a checkpoint saved outside it (Lightning's SLURM ``hpc_ckpt_*.ckpt``)
+    still resumes in place.
 
     A batch whose step was interrupted is trained again on resume (Lightning resumes at the first
     unprocessed batch), but its forward pass may already have updated buffers such as batch-norm
@@ -413,10 +425,43 @@ class InterruptCheckpoint(pl.Callback):
         self._given_dirpath = dirpath
         self._snapshot: dict[str, torch.Tensor] = {}
         self._snapshot_at: int | None = None
+        #: The signal that stopped the fit (SIGINT for Ctrl-C, SIGTERM), else None.
+        self.signal: int | None = None
+        self.log_dir: str | None = None
+        self._stale: float | None = None  # mtime of an interrupted.ckpt left by an earlier part of this run
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._given_dirpath is None:
             self.dirpath = self._run_folder(trainer)
+        self.log_dir = trainer.log_dir if trainer.loggers else None
+        self.signal = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        path = Path(self.ckpt_path)
+        self._stale = path.stat().st_mtime if path.is_file() else None
+
+    def _drop_if_superseded(self, trainer: pl.Trainer) -> None:
+        # A resumed run has written a newer checkpoint beside the old interrupted.ckpt: a later
+        # resume or a user must not pick the stale file.
+        if self._stale is None or not trainer.is_global_zero:
+            return
+        path = Path(self.ckpt_path)
+        newer = [p for p in path.parent.glob("*.ckpt") if p != path and p.stat().st_mtime > self._stale]
+        if newer or not path.is_file():
+            if path.is_file():
+                path.unlink()
+                rank_zero_info(f"removed {path}: {newer[0].name} of the same run is newer")
+            self._stale = None
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._drop_if_superseded(trainer)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._drop_if_superseded(trainer)
+
+    def state_dict(self) -> dict[str, Any]:
+        # The run folder travels in every checkpoint, so a resume finds its run from any file.
+        return {"log_dir": self.log_dir}
 
     @property
     def ckpt_path(self) -> str:
@@ -443,8 +488,13 @@ class InterruptCheckpoint(pl.Callback):
             else:
                 saved.copy_(buffer)
         self._snapshot_at = self._processed(trainer)
+        self._drop_if_superseded(trainer)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt):
+            self.signal = signal.SIGINT
+        elif isinstance(exception, SIGTERMException):
+            self.signal = signal.SIGTERM
         if isinstance(exception, DivergenceError) or trainer.state.fn != "fit" or self._snapshot_at is None:
             return
         if self._processed(trainer) == self._snapshot_at:  # the interrupted batch's step never finished

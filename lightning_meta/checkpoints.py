@@ -214,6 +214,13 @@ class EpisodicCheckpoint(ModelCheckpoint):
             self.monitor, self.mode = monitor
             self.kth_value = torch.tensor(torch.inf if self.mode == "min" else -torch.inf)
 
+    def _save_topk_checkpoint(self, trainer: Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
+        # An epoch resumed mid-way ends before any validation of this process ran: there is nothing
+        # to rank yet, and Lightning's "could not find the monitored key" warning would be noise.
+        if self.monitor not in monitor_candidates and not trainer.fit_loop.epoch_loop.val_loop._has_run:
+            return
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
+
     def _save_last_if_behind(self, trainer: Trainer) -> None:
         # Skipped in fast_dev_run, outside fit, in the sanity check, and when this step was saved already.
         if not self._should_skip_saving_checkpoint(trainer):

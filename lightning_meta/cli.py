@@ -7,6 +7,7 @@ import importlib
 import os
 import re
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any, NoReturn
@@ -20,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 import datamodules  # noqa: F401  (registers the bundles for short names in YAML)
 from datamodules import EpisodicDataModule
 
-from . import EpisodicModule
+from . import EpisodicModule, threads
 from .callbacks import EpisodeImages, EpisodesPerSecond, InterruptCheckpoint, default_callbacks, out_of_memory_message
 from .checkpoints import (  # noqa: F401  (find_best_checkpoint: its old home)
     TRUST_VARIABLE,
@@ -33,6 +34,15 @@ from .checkpoints import (  # noqa: F401  (find_best_checkpoint: its old home)
     use_safe_checkpoint_io,
 )
 from .precision import default_precision
+from .runs import (
+    config_differences,
+    exit_status,
+    fit_summary,
+    newest_checkpoint,
+    recorded_run,
+    resume_version,
+    slurm_requeue_checkpoint,
+)
 
 
 def check_checkpoint_class(ckpt_path: str, configured: str) -> None:
@@ -286,6 +296,7 @@ class MetaCLI(LightningCLI):
     """
 
     def before_instantiate_classes(self) -> None:
+        rank_zero_info(threads.describe())
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.get("trainer")
         if trainer is not None and trainer.get("precision") is not None:
@@ -316,7 +327,28 @@ class MetaCLI(LightningCLI):
             trainer.callbacks = kept  # type: ignore[attr-defined]
         return trainer
 
+    def _resume_in_place(self) -> None:
+        # A fit resumed from a checkpoint of a run folder continues in that folder (same logger
+        # version); a requeued SLURM job resumes the run its pre-timeout signal stopped.
+        settings = self.config.get("fit") if self.config.get("subcommand") == "fit" else None
+        if settings is None:
+            return
+        if settings.get("ckpt_path") is None:
+            requeued = slurm_requeue_checkpoint(settings.get("trainer", {}).get("default_root_dir"))
+            if requeued is not None:
+                settings["ckpt_path"] = str(requeued)
+                rank_zero_info(f"lightning-meta: SLURM requeue: resuming from {requeued}")
+        ckpt_path = settings.get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        run = recorded_run(ckpt_path)
+        logger = settings.get("trainer", {}).get("logger")
+        if run is not None and resume_version(logger, run) is not None:
+            self._resumed_run = run
+            rank_zero_info(f"lightning-meta: resuming in {run} from {ckpt_path}")
+
     def _parse_ckpt_path(self) -> None:
+        self._resume_in_place()
         # LightningCLI replaces the configured model by the class and hyperparameters saved in
         # --ckpt_path: `test --config configs/maml/... --ckpt_path <a ProtoNet checkpoint>` would
         # silently test a ProtoNet. Refuse a checkpoint of a class unrelated to the configured one.
@@ -342,8 +374,32 @@ class MetaCLI(LightningCLI):
         if not known:
             config["ckpt_path"] = find_checkpoint(self.trainer, which)
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except SystemExit as stop:  # a fit stopped by SIGTERM or Ctrl-C ends with 128 + the signal number
+            status = exit_status(stop, getattr(self, "trainer", None))
+            if status is None:
+                raise
+            raise SystemExit(status) from stop
+
     def before_fit(self) -> None:
         self._resolve(("last",))
+        self._fit_start = time.perf_counter()
+        run = getattr(self, "_resumed_run", None)
+        saved = Path(run, "config.yaml") if run is not None else None
+        if saved is not None and saved.is_file():
+            new = yaml.safe_load(self._parser("fit").dump(self.config["fit"], skip_none=False))
+            changed = config_differences(yaml.safe_load(saved.read_text()) or {}, new)
+            if changed:
+                rank_zero_info(
+                    f"lightning-meta: warning: resuming {run} with settings that differ from its config.yaml "
+                    f"(which this run now overwrites): {'; '.join(changed)}"
+                )
+
+    def after_fit(self) -> None:
+        if self.trainer.is_global_zero and not self.trainer.interrupted:
+            rank_zero_info(fit_summary(self.trainer, time.perf_counter() - self._fit_start))
 
     def before_test(self) -> None:
         self._resolve(("best", "last"))
@@ -422,6 +478,13 @@ def predict_main(args: list[str]) -> None:
 
     from .inference import predict_folders
 
+    for i, word in enumerate(args):  # --ckpt_path best / last: the newest run's, as test and validate accept
+        which = args[i + 1] if word == "--ckpt_path" and i + 1 < len(args) else word.partition("--ckpt_path=")[2]
+        if which in ("best", "last"):
+            found = str(newest_checkpoint(which))
+            args = [*args[:i], "--ckpt_path", found, *args[i + (2 if word == "--ckpt_path" else 1) :]]
+            print(f"lightning-meta predict: --ckpt_path {which} is {found}")
+            break
     result = auto_cli(predict_folders, args=args, as_positional=False, prog="lightning-meta predict")
     print(result.summary())
 

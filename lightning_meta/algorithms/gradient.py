@@ -282,7 +282,10 @@ class GradientModule(EpisodicModule):
         """
         params = [p for p in self.parameters() if p.requires_grad]
         times: dict[str, float] = {}
-        for mode in [m for m in ("loop", "vmap", "batched") if m in self.task_batchings]:
+        modes = [m for m in ("loop", "vmap", "batched") if m in self.task_batchings]
+        phase = "training" if self.training else "evaluation"
+        rank_zero_info(f"{type(self).__name__}: task_batching='auto' is timing {', '.join(modes)} for {phase} ...")
+        for mode in modes:
             try:
                 for _ in range(2):  # the first call warms up
                     start = time.perf_counter()
@@ -298,7 +301,6 @@ class GradientModule(EpisodicModule):
                 times.pop(mode, None)
                 rank_zero_info(f"{type(self).__name__}: task_batching={mode!r} unavailable ({err})")
         choice = min(times, key=times.__getitem__)
-        phase = "training" if self.training else "evaluation"
         timed = ", ".join(f"{mode} {1000 * seconds:.1f} ms" for mode, seconds in times.items())
         name = type(self).__name__
         rank_zero_info(f"{name}: task_batching='auto' chose {choice!r} for {phase} ({timed} per meta-batch)")
