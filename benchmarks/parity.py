@@ -230,6 +230,9 @@ class L2LMAML(Reference):
             # the second inner step on the forward pass no longer uses the adapted weights (autograd error).
             net = copy.deepcopy(ours.network)
             self.meta: nn.Module = l2l.algorithms.MetaSGD(net, lr=ours.inner_optimizer.lr, first_order=ours.first_order)
+            with torch.no_grad():  # our (learned) step sizes, in the network's parameter order
+                for lr, (name, _) in zip(self.meta.lrs, ours.network.named_parameters(), strict=True):
+                    lr.copy_(ours.inner_lrs[name.replace(".", "/")])
         else:
             self.meta = l2l.algorithms.MAML(l2l_network(ours.network), lr=ours.inner_lr, first_order=ours.first_order)
         self.steps, self.steps_eval = ours.inner_steps, ours.inner_steps_eval
@@ -646,18 +649,28 @@ def test_both(trainer: pl.Trainer, model: Any, dm: Any, ref: Reference, recorder
     start = time.perf_counter()
     trainer.test(model, datamodule=dm, verbose=False)
     ours_s = time.perf_counter() - start
+    theirs, theirs_s = test_theirs(ref, dm, recorder.test_prints)
+    return paired(list(recorder.test_acc), ours_s, theirs, theirs_s)
+
+
+def test_theirs(ref: Reference, dm: Any, prints: list[list[float]]) -> tuple[list[float], float]:
+    """The reference's per-episode test accuracies (on the batches ours was tested on) and its wall time."""
     theirs: list[float] = []
     start = time.perf_counter()
     for j, batch in enumerate(test_batches(dm)):
-        if fingerprint(batch) != recorder.test_prints[j]:
+        if fingerprint(batch) != prints[j]:
             raise RuntimeError(f"test batch {j} differs from the one our Trainer tested on")
         theirs += episode_accuracy(ref.predict(batch), batch.query_y).tolist()
-    theirs_s = time.perf_counter() - start
-    ours_mean, ours_ci = mean_ci(recorder.test_acc)
+    return theirs, time.perf_counter() - start
+
+
+def paired(ours: list[float], ours_s: float, theirs: list[float], theirs_s: float) -> dict[str, Any]:
+    """Both accuracies with their 95% CIs and the paired difference (same episodes) with its 95% CI."""
+    ours_mean, ours_ci = mean_ci(ours)
     theirs_mean, theirs_ci = mean_ci(theirs)
-    diff_mean, diff_ci = mean_ci([a - b for a, b in zip(recorder.test_acc, theirs, strict=True)])
+    diff_mean, diff_ci = mean_ci([a - b for a, b in zip(ours, theirs, strict=True)])
     return {
-        "ours": {"acc": ours_mean, "ci95": ours_ci, "test_s": ours_s, "episode_acc": list(recorder.test_acc)},
+        "ours": {"acc": ours_mean, "ci95": ours_ci, "test_s": ours_s, "episode_acc": ours},
         "theirs": {"acc": theirs_mean, "ci95": theirs_ci, "test_s": theirs_s, "episode_acc": theirs},
         "difference": {"mean": diff_mean, "ci95": diff_ci, "agree": abs(diff_mean) <= diff_ci},
     }
@@ -697,10 +710,17 @@ def run_row(method: str, setting: str, args: argparse.Namespace) -> dict[str, An
         },  # fmt: skip
         "difference": tested["difference"],
     }
+    if args.cross and not ref.shares_training:
+        # The reference's test-time algorithm on the weights ours trained: tells a test-time difference from
+        # a training one (fp32 rounding makes two equivalent trainings drift apart over the steps).
+        cross = reference_for(method, model, args.meta_batches, dm)
+        theirs, theirs_s = test_theirs(cross, dm, recorder.test_prints)
+        record["theirs_on_our_weights"] = paired(tested["ours"]["episode_acc"], 0.0, theirs, theirs_s)
     if method == "metaoptnet":
         # The test-time solve stops after solver_iters_eval (3) iterations: are both near the SVM's optimum there?
         model.solver_iters_eval = ref.iters_eval = 15  # type: ignore[attr-defined]
         record["solver_iters_eval_15"] = test_both(trainer, model, dm, ref, recorder)
+    record["tag"], record["extra"] = args.tag, args.extra
     record["machine"] = machine()
     return record
 
@@ -726,35 +746,49 @@ def step_losses(
 
 
 # ----------------------------------------------------------------------------- the table
+def _cells(result: dict[str, Any]) -> str:
+    o, t, d = result["ours"], result["theirs"], result["difference"]
+    return (
+        f"| {100 * o['acc']:.2f} ± {100 * o['ci95']:.2f} | {100 * t['acc']:.2f} ± {100 * t['ci95']:.2f} "
+        f"| {100 * d['mean']:+.2f} ± {100 * d['ci95']:.2f} | {'yes' if d['agree'] else '**no**'} "
+    )
+
+
 def table(out: Path) -> str:
-    """The markdown table of every accuracy record in ``out`` (and the step comparisons), from the JSON files."""
+    """The markdown table of every accuracy record in ``out`` (and the step comparisons), from the JSON files.
+
+    Below a row: the reference tested on the weights ours trained (``--cross``), MetaOptNet at 15 solver
+    iterations, and for a variant (``--tag``) the paired difference of its ours from the untagged row's ours.
+    """
     records = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
     order = {m: i for i, m in enumerate(METHODS)}
-    acc = sorted((r for r in records if r["mode"] == "accuracy"),
-                 key=lambda r: (r["setting"], order.get(r["method"], 99), r["meta_batches"]))  # fmt: skip
+    acc = sorted(
+        (r for r in records if r["mode"] == "accuracy"),
+        key=lambda r: (r["setting"], order.get(r["method"], 99), r["meta_batches"], r.get("tag", "")),
+    )
+    plain = {(r["method"], r["setting"], r["meta_batches"]): r for r in acc if not r.get("tag")}
     lines = [
         "| method | setting | reference | meta-batches | ours acc % | theirs acc % | ours - theirs (paired) "
         "| within CI | ours train / test | theirs train / test |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in acc:
-        o, t, d = r["ours"], r["theirs"], r["difference"]
+        o, t = r["ours"], r["theirs"]
+        name = r["method"] + (f" [{' '.join(r['extra'])}]" if r.get("tag") else "")
+        head = f"| {name} | {r['setting']} | {r['reference']} | {r['meta_batches']} "
         theirs_train = f"{t['train_s'] / 60:.1f} min" if t.get("trained", True) else "(ours)"
-        lines.append(
-            f"| {r['method']} | {r['setting']} | {r['reference']} | {r['meta_batches']} "
-            f"| {100 * o['acc']:.2f} ± {100 * o['ci95']:.2f} | {100 * t['acc']:.2f} ± {100 * t['ci95']:.2f} "
-            f"| {100 * d['mean']:+.2f} ± {100 * d['ci95']:.2f} | {'yes' if d['agree'] else '**no**'} "
-            f"| {o['train_s'] / 60:.1f} min / {o['test_s']:.0f} s | {theirs_train} / {t['test_s']:.0f} s |"
-        )
-        extra = r.get("solver_iters_eval_15")
-        if extra:
-            o, t, d = extra["ours"], extra["theirs"], extra["difference"]
-            lines.append(
-                f"| {r['method']} (same models, 15 solver iterations at test) | {r['setting']} | {r['reference']} "
-                f"| {r['meta_batches']} | {100 * o['acc']:.2f} ± {100 * o['ci95']:.2f} "
-                f"| {100 * t['acc']:.2f} ± {100 * t['ci95']:.2f} | {100 * d['mean']:+.2f} ± {100 * d['ci95']:.2f} "
-                f"| {'yes' if d['agree'] else '**no**'} | - / {o['test_s']:.0f} s | - / {t['test_s']:.0f} s |"
-            )
+        lines.append(head + _cells(r) + f"| {o['train_s'] / 60:.1f} min / {o['test_s']:.0f} s "
+                     f"| {theirs_train} / {t['test_s']:.0f} s |")  # fmt: skip
+        notes = [("theirs_on_our_weights", "theirs tested on the weights ours trained"),
+                 ("solver_iters_eval_15", "same models, 15 solver iterations at test")]  # fmt: skip
+        for key, what in notes:
+            if key in r:
+                lines.append(f"| {name}: {what} | {r['setting']} | | " + _cells(r[key]) + "| | |")
+        base = plain.get((r["method"], r["setting"], r["meta_batches"]))
+        if r.get("tag") and base is not None:
+            diff = paired(o["episode_acc"], 0.0, base["ours"]["episode_acc"], 0.0)
+            lines.append(f"| {name}: ours of this variant (left) against ours as shipped (right) | {r['setting']} | | "
+                         + _cells(diff) + "| | |")  # fmt: skip
     steps = [r for r in records if r["mode"] == "steps"]
     if steps:
         lines += ["", "| method | setting | steps | step-1 loss ours / theirs | max relative difference |",
@@ -764,8 +798,9 @@ def table(out: Path) -> str:
                          f"{r['theirs'][0]:.5f} | {r['max_relative']:.1e} |")  # fmt: skip
     if records:
         m = records[-1]["machine"]
+        commits = sorted({r["machine"]["commit"] for r in records})
         lines += ["", f"Machine: {m['cpu']} ({m['cores']} cores, bf16 flags {m['bf16_flags'] or 'none'}), "
-                  f"{m['threads']} thread per run, torch {m['torch']}, commit {m['commit']}."]  # fmt: skip
+                  f"{m['threads']} thread per run, torch {m['torch']}, commit {', '.join(commits)}."]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -782,6 +817,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("/work/runs/parity"))
     parser.add_argument("--extra", default="", help='more CLI overrides of the config, one string: --extra="--a.b 1"')
     parser.add_argument("--force", action="store_true", help="run rows already in --out again")
+    parser.add_argument("--cross", action="store_true", help="also test theirs on the weights ours trained")
+    parser.add_argument("--tag", default="", help="a variant's name (with --extra): its own ledger file and row")
     parser.add_argument("--table", action="store_true", help="print the markdown table of the records in --out")
     args = parser.parse_args(argv)
     args.extra = shlex.split(args.extra)
@@ -795,7 +832,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{method}: no reference wired up yet; skipped", file=sys.stderr)
                 continue
             mode = f"steps{args.steps}" if args.steps else f"mb{args.meta_batches}"
-            path = args.out / f"{method}_{setting}_{mode}.json"
+            path = args.out / f"{method}_{setting}_{mode}{'_' + args.tag if args.tag else ''}.json"
             if path.exists() and not args.force:
                 print(f"{path} exists; skipped (--force to run again)")
                 continue
