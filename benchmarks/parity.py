@@ -312,7 +312,33 @@ class L2LANIL(Reference):
         return torch.stack([self.task(batch, t, self.steps_eval).detach() for t in range(batch.num_tasks)])
 
 
-class L2LProtoNet(Reference):
+class PerTaskMetric(Reference):
+    """A metric-based reference: ``logits`` of one task, the mean of the tasks' query losses, train/eval modes."""
+
+    model: nn.Module
+
+    @staticmethod
+    def loss(logits: Tensor, target: Tensor) -> Tensor:
+        return F.cross_entropy(logits, target)
+
+    def logits(self, batch: EpisodeBatch, t: int) -> Tensor:
+        raise NotImplementedError
+
+    def train_step(self, batch: EpisodeBatch, i: int) -> float:
+        self.model.train()
+        self.optimizer.zero_grad()
+        loss = torch.stack([self.loss(self.logits(batch, t), batch.query_y[t]) for t in range(batch.num_tasks)]).mean()
+        loss.backward()
+        self.optimizer.step()
+        return loss.item()
+
+    def predict(self, batch: EpisodeBatch) -> Tensor:
+        self.model.eval()
+        with torch.no_grad():
+            return torch.stack([self.logits(batch, t) for t in range(batch.num_tasks)])
+
+
+class L2LProtoNet(PerTaskMetric):
     """learn2learn's ProtoNet recipe: one pass over support and query, class means, negative squared distances."""
 
     def __init__(self, ours: Any, meta_batches: int, epoch_batches: int) -> None:
@@ -331,20 +357,6 @@ class L2LProtoNet(Reference):
         embeddings = self.model(torch.cat([support_x, batch.query_x[t]]))
         support = embeddings[: len(support_y)].reshape(ways, len(support_y) // ways, -1).mean(dim=1)
         return self.pairwise_distances_logits(embeddings[len(support_y) :], support)
-
-    def train_step(self, batch: EpisodeBatch, i: int) -> float:
-        self.model.train()
-        self.optimizer.zero_grad()
-        losses = [F.cross_entropy(self.logits(batch, t), batch.query_y[t]) for t in range(batch.num_tasks)]
-        loss = torch.stack(losses).mean()
-        loss.backward()
-        self.optimizer.step()
-        return loss.item()
-
-    def predict(self, batch: EpisodeBatch) -> Tensor:
-        self.model.eval()
-        with torch.no_grad():
-            return torch.stack([self.logits(batch, t) for t in range(batch.num_tasks)])
 
 
 class L2LMetaOptNet(Reference):
@@ -462,7 +474,7 @@ class L2LReptile(Reference):
         return torch.stack(out)
 
 
-class EasyFSLMatchingNet(Reference):
+class EasyFSLMatchingNet(PerTaskMetric):
     """easyfsl's ``MatchingNetworks`` with its full context embeddings switched off (the shipped configs have
     ``fce: false``; easyfsl always uses its own FCE): cosine attention on normalised support features,
     log-probabilities, NLL loss, support and query embedded in separate passes as easyfsl does."""
@@ -485,23 +497,13 @@ class EasyFSLMatchingNet(Reference):
         self.model = WithoutFCE(copy.deepcopy(ours.backbone), feature_dimension=dim)
         self.outer(list(self.model.backbone.parameters()), ours)
 
+    @staticmethod
+    def loss(logits: Tensor, target: Tensor) -> Tensor:
+        return F.nll_loss(logits, target)  # easyfsl's MatchingNetworks returns log-probabilities
+
     def logits(self, batch: EpisodeBatch, t: int) -> Tensor:
         self.model.process_support_set(batch.support_x[t], batch.support_y[t])
         return self.model(batch.query_x[t])
-
-    def train_step(self, batch: EpisodeBatch, i: int) -> float:
-        self.model.train()
-        self.optimizer.zero_grad()
-        losses = [F.nll_loss(self.logits(batch, t), batch.query_y[t]) for t in range(batch.num_tasks)]
-        loss = torch.stack(losses).mean()
-        loss.backward()
-        self.optimizer.step()
-        return loss.item()
-
-    def predict(self, batch: EpisodeBatch) -> Tensor:
-        self.model.eval()
-        with torch.no_grad():
-            return torch.stack([self.logits(batch, t) for t in range(batch.num_tasks)])
 
 
 class EasyFSLFinetune(Reference):
