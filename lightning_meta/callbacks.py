@@ -272,8 +272,8 @@ class DivergenceGuard(pl.Callback):
       descent should only improve on) or the lowest epoch mean of the same quantity so far;
     - the first training step's loss is already more than ``factor`` times the loss of a constant
       prediction on its batch (uniform class probabilities, ``log(ways)``; the mean target for
-      regression), so a step size that blows up the very first inner loop stops at once; that
-      constant loss then also caps the reference;
+      regression), so a step size that blows up the very first inner loop stops at once; the
+      reference is then the larger of the two, so an easy first batch (loss 0) sets no trap;
     - ``val/loss`` is more than ``factor`` times the first training step's reference, also at the
       first validation (when it has no validation reference yet).
 
@@ -358,7 +358,8 @@ class DivergenceGuard(pl.Callback):
             if constant is not None:
                 self._check(trainer, pl_module, "train/loss", "", value, constant,
                             "the loss of a constant prediction on this batch,")  # fmt: skip
-                value = min(value, constant)
+                # A first loss of 0 (an easy batch) would make every later loss look like a divergence.
+                value = max(value, constant)
             self.reference["train/loss"] = self.reference["train/first"] = value
             return
         self._check(trainer, pl_module, "train/loss", "train/loss", value)
