@@ -498,6 +498,8 @@ class InterruptCheckpoint(pl.Callback):
             self.signal = signal.SIGTERM
         if isinstance(exception, DivergenceError) or trainer.state.fn != "fit" or self._snapshot_at is None:
             return
+        if allocation_failure(exception) is not None:
+            return  # resuming with the same settings would fail the same way: the CLI names the settings instead
         if self._processed(trainer) == self._snapshot_at:  # the interrupted batch's step never finished
             with torch.no_grad():
                 for name, buffer in pl_module.named_buffers():

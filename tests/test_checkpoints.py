@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 
 from datamodules.files import WriteError
-from lightning_meta import load_checkpoint
+from lightning_meta import EpisodicModule, load_checkpoint
 from lightning_meta.checkpoints import TRUST_VARIABLE, EpisodicCheckpoint, SafeCheckpointIO, find_checkpoint
 from lightning_meta.cli import main, make_cli
 
@@ -228,24 +228,31 @@ def test_two_runs_never_share_a_version_folder(fitted, tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- out of memory
-class AllocationFails(Callback):
-    """Fails the first training step as PyTorch's CPU allocator does when a batch does not fit."""
+def allocation_fails(*args, **kwargs):
+    """A training step failing as PyTorch's CPU allocator does when a batch does not fit.
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        raise RuntimeError(
-            "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to "
-            "allocate 1099511627776 bytes. Error code 12 (Cannot allocate memory)"
-        )
+    Raised inside the step, as a real one is: every callback has seen the batch start by then, so
+    InterruptCheckpoint holds a snapshot (it would save and advise a resume).
+    """
+    raise RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to "
+        "allocate 1099511627776 bytes. Error code 12 (Cannot allocate memory)"
+    )
 
 
 def test_out_of_memory_names_the_batch_settings_and_the_memory_asked(fitted, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(EpisodicModule, "training_step", allocation_fails)
     args = ["fit", *data_args(fitted["root"]), "--data.tasks_per_batch", "3000", "--trainer.num_sanity_val_steps", "0"]
     with pytest.raises(SystemExit) as stop:
-        main([*args, "--trainer.callbacks+=test_checkpoints.AllocationFails"])
+        main(args)
     assert stop.value.code == 2
-    error = capsys.readouterr().err.strip().splitlines()
+    captured = capsys.readouterr()
+    error = captured.err.strip().splitlines()
     line = next(x for x in error if x.startswith("lightning-meta: error:"))
     assert "out of memory: an allocation of 1.0 TiB failed" in line
+    # No resume advice that cannot work, and no interrupted.ckpt to resume from into the same failure.
+    assert "resume with" not in captured.out + captured.err
+    assert not list(tmp_path.rglob("interrupted.ckpt"))
     assert "tasks_per_batch=3000, ways=2, shots=1, queries=3, train_ways=2" in line
     assert "lower --data.tasks_per_batch" in line
