@@ -140,8 +140,9 @@ def test_maml_rl_ddp_two_processes_and_resume_from_a_mid_run_checkpoint(tmp_path
     # Resume mid-epoch (an epoch is 16 tasks / (2 tasks x 2 ranks) = 4 steps) and continue to step 3.
     _run([str(SCRIPT), "fit", *config, "--trainer.max_steps", "3", "--ckpt_path", str(checkpoints / "last.ckpt")],
          tmp_path)  # fmt: skip
-    resumed_dir = tmp_path / "lightning_logs" / "maml_rl_navigation2d" / "version_1" / "checkpoints"
-    resumed = torch.load(resumed_dir / "last.ckpt", weights_only=False)
+    # A resume from a run's own checkpoint continues in that run's folder (issue 29).
+    assert not (tmp_path / "lightning_logs" / "maml_rl_navigation2d" / "version_1").exists()
+    resumed = torch.load(checkpoints / "last.ckpt", weights_only=False)
     assert resumed["global_step"] == 3
     moved = [not torch.equal(resumed["state_dict"][k], last["state_dict"][k]) for k in last["state_dict"]]
     assert any(moved)
