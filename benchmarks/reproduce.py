@@ -11,7 +11,11 @@ budget ends mid-epoch). Configs run one after another within ``--hours``; start 
 two runs at once (each takes ``--threads`` CPU threads).
 
 A run is finished when its validation accuracy has plateaued: no new best ``val/acc`` (by more than
-``--min_delta``) in the last ``--patience`` validations, or when the config's ``max_epochs`` end. At
+``--min_delta``) in the last ``--patience`` validations *and* their mean no higher (by more than
+``--min_delta``) than the mean of the ``--patience`` validations before them, or when the config's
+``max_epochs`` end. The second test keeps a slow, noisy climb (one-task steps, say) from being
+called a plateau because one lucky validation set the best early; a run the older rule (the first
+test alone) stopped is reopened when the rule now says it is still climbing. At
 the end of every call the best checkpoint so far is tested on the config's fixed test episodes
 (1000, the same for every run and machine for a given seed), so an unfinished row is an interim
 figure, marked so.
@@ -142,7 +146,7 @@ def ledger_callback(run_dir: Path, ledger: dict[str, Any], deadline: float, pati
             # Trainer.save_checkpoint writes the loops' and the datamodule's state: resuming from it is exact,
             # mid-epoch included (the training episode stream is stateful).
             tmp = run_dir / ".resume.ckpt.tmp"
-            trainer.save_checkpoint(tmp)
+            trainer.save_checkpoint(tmp, weights_only=False)  # the full state, for an exact resume
             os.replace(tmp, run_dir / "resume.ckpt")
             self.session["meta_batches_end"] = trainer.global_step
             self.session["wall_s"] = round(time.time() - self.start, 1)
@@ -175,11 +179,21 @@ def ledger_callback(run_dir: Path, ledger: dict[str, Any], deadline: float, pati
 
 
 def plateaued(curve: list[dict[str, Any]], patience: int, min_delta: float) -> bool:
-    """No new best ``val/acc`` by more than ``min_delta`` in the last ``patience`` validations."""
+    """No new best ``val/acc`` and no rise of the windowed mean (both by ``min_delta``) in ``patience`` validations."""
     accs = [p["val/acc"] for p in curve if "val/acc" in p]
-    if len(accs) <= patience:
+    if len(accs) < 2 * patience:
         return False
-    return max(accs[-patience:]) <= max(accs[:-patience]) + min_delta
+    last, before = accs[-patience:], accs[-2 * patience : -patience]
+    no_new_best = max(last) <= max(accs[:-patience]) + min_delta
+    no_rise = sum(last) / patience <= sum(before) / patience + min_delta
+    return no_new_best and no_rise
+
+
+def unfinished(ledger: dict[str, Any]) -> bool:
+    """Still to train: running, or stopped by an older plateau rule that the current one says was early."""
+    if ledger["status"] == "plateaued":
+        return not plateaued(ledger["curve"], ledger["patience"], ledger["min_delta"])
+    return ledger["status"] == "running"
 
 
 def seed_from_committed(run_dir: Path, name: str) -> None:
@@ -212,6 +226,9 @@ def train(config: Path, args: argparse.Namespace, deadline: float) -> None:
         "key": config_key(config), "status": "running", "sessions": [], "curve": [], "tests": [],
         "patience": args.patience, "min_delta": args.min_delta,
     }  # fmt: skip
+    if ledger["status"] == "plateaued" and unfinished(ledger):
+        ledger["status"] = "running"
+        print(f"[reproduce] {name}: reopened, its validation mean was still rising when it stopped", flush=True)
     if ledger["status"] != "running":
         print(f"[reproduce] {name}: {ledger['status']}, nothing to train", flush=True)
         return
@@ -336,8 +353,11 @@ def table(ledgers: list[dict[str, Any]], figures: Path, target: float) -> str:
         )
         gap = f"{acc - published[0]:+.2f}" if published and acc is not None else "-"
         status = {"running": "not plateaued yet (interim)", "plateaued": "plateaued", "max_epochs": "schedule done"}
+        state = status.get(ledger["status"], ledger["status"])
+        if ledger["status"] == "plateaued" and unfinished(ledger):
+            state = "still rising (reopened, interim)"
         rows.append(
-            f"| {ledger['key']} | {status.get(ledger['status'], ledger['status'])} | {steps} ({schedule}) "
+            f"| {ledger['key']} | {state} | {steps} ({schedule}) "
             f"| {hours:.1f} "
             f"| {100 * best_val:.2f} | {tested} | {paper} | {gap} | {minutes_to(ledger['curve'], target)} "
             f"| ![{name}](figures/reproduce/{name}.svg) |"
@@ -353,7 +373,7 @@ def commit_runs(runs: Path) -> None:
         name = ledger_path.parent.name
         shutil.copy(ledger_path, COMMITTED / "ledgers" / f"{name}.json")
         ckpt, kept = ledger_path.parent / "resume.ckpt", COMMITTED / "checkpoints" / f"{name}.ckpt"
-        running = json.loads(ledger_path.read_text())["status"] == "running"
+        running = unfinished(json.loads(ledger_path.read_text()))
         if running and ckpt.exists() and ckpt.stat().st_size <= MAX_COMMITTED_CKPT_BYTES:
             shutil.copy(ckpt, kept)
         elif not running:

@@ -68,12 +68,15 @@ def test_a_run_stopped_by_its_budget_resumes_exactly(reproduce, fake_omniglot, t
     assert len(json.loads((split / "ledger.json").read_text())["sessions"]) == 2
 
 
-def test_plateau_is_no_new_best_within_patience():
+def test_plateau_is_no_new_best_and_no_rising_mean_within_patience():
     reproduce = load_reproduce()
-    curve = [{"val/acc": a} for a in (0.5, 0.7, 0.8, 0.801, 0.79, 0.8)]
-    assert reproduce.plateaued(curve, patience=3, min_delta=0.002)
-    assert not reproduce.plateaued(curve, patience=3, min_delta=0.0)
-    assert not reproduce.plateaued(curve[:3], patience=3, min_delta=0.002)
+    flat = [{"val/acc": a} for a in (0.5, 0.7, 0.8, 0.801, 0.8, 0.8, 0.801, 0.799, 0.802)]
+    assert reproduce.plateaued(flat, patience=3, min_delta=0.002)
+    assert not reproduce.plateaued(flat, patience=3, min_delta=0.0)
+    assert not reproduce.plateaued(flat[:5], patience=3, min_delta=0.002)  # fewer than two windows
+    # A lucky early best and a slow noisy climb under it (Meta Networks' one-task steps): still rising.
+    climbing = [{"val/acc": a} for a in (0.5, 0.9, 0.85, 0.86, 0.87, 0.88, 0.88, 0.89, 0.895)]
+    assert not reproduce.plateaued(climbing, patience=3, min_delta=0.002)
 
 
 def test_table_and_commit_come_from_the_ledgers(reproduce, fake_omniglot, tmp_path, capsys):
