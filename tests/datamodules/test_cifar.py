@@ -207,6 +207,42 @@ def test_download_with_a_wrong_checksum_is_a_clear_error(tmp_path, monkeypatch):
     assert calls == [URL] and not (tmp_path / "new" / ARCHIVE).exists()
 
 
+def test_a_stopped_download_or_unpacking_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
+    import torchvision.datasets.utils as tv_utils
+
+    from datamodules.download import Remote, download
+
+    folder, md5 = tmp_path / "data", hashlib.md5(FAKE.read_bytes()).hexdigest()
+    remote = [Remote(URL, ARCHIVE, md5)]
+
+    def cut_off(url, filename, chunk_size=None):  # half the bytes arrive, then the user presses Ctrl+C
+        Path(filename).write_bytes(FAKE.read_bytes()[: FAKE.stat().st_size // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tv_utils, "_get_redirect_url", lambda url, max_hops=3: url)
+    monkeypatch.setattr(tv_utils, "_urlretrieve", cut_off)
+    with pytest.raises(KeyboardInterrupt):
+        download(remote, folder, "CIFAR-100", extract=True)
+    assert not (folder / ARCHIVE).exists()  # only the .part, which the next call does not trust
+
+    def unpack_cut_off(from_path, to_path, *args, **kwargs):
+        Path(to_path, "cifar-100-python").mkdir(parents=True)
+        Path(to_path, "cifar-100-python", "train").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    fake_network(monkeypatch, calls := [])
+    monkeypatch.setattr(tv_utils, "extract_archive", unpack_cut_off)
+    with pytest.raises(KeyboardInterrupt):
+        download(remote, folder, "CIFAR-100", extract=True)
+    assert calls == [URL] and (folder / ARCHIVE).read_bytes() == FAKE.read_bytes()
+    assert sorted(p.name for p in folder.iterdir()) == [ARCHIVE]  # no half-unpacked folder, no .part
+
+    monkeypatch.undo()
+    fake_network(monkeypatch, calls)
+    download(remote, folder, "CIFAR-100", extract=True)  # the archive is there: only unpacked
+    assert calls == [URL] and (folder / "cifar-100-python" / "train").stat().st_size > 4
+
+
 # ----------------------------------------------------------------------------- episodes and augmentation
 @pytest.mark.parametrize("bundle", BUNDLES, ids=lambda b: b.__name__)
 def test_episode_shapes(bundle, fake_cifar100):
