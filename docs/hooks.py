@@ -1,9 +1,10 @@
-"""MkDocs hook: serve ``benchmarks/RESULTS.md`` and its figures as part of the site, where the repository has them.
+"""MkDocs hooks: serve ``benchmarks/RESULTS.md`` and its figures as part of the site, where the repository has them.
 
 The benchmark results stay in ``benchmarks/`` (one copy of every number); the docs link to them as
 ``../benchmarks/RESULTS.md``, which works on GitHub. This hook adds those files to the site at
 ``benchmarks/...`` and rewrites such links to it, so MkDocs still checks every one (a link to a file
-that does not exist stays broken and fails ``mkdocs build --strict``).
+that does not exist stays broken and fails ``mkdocs build --strict``). The docstrings' Sphinx roles
+(``:class:`X` ``) render as the code name alone.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from mkdocs.structure.files import File, Files
 ROOT = Path(__file__).resolve().parents[1]
 SERVED = ["benchmarks/RESULTS.md", "benchmarks/figures/**/*.png", "benchmarks/figures/**/*.svg"]
 LINK = re.compile(r"(\]\()([^)\s#]+)")
+SPHINX_ROLE = re.compile(r":(?:class|func|meth|attr|mod|data|exc|obj):(?=<code>)")
 
 
 def on_files(files: Files, config) -> Files:
@@ -44,3 +46,8 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
         return match.group(1) + Path(os.path.relpath(served, virtual)).as_posix()
 
     return LINK.sub(serve, markdown)
+
+
+def on_page_content(html: str, page, config, files) -> str:
+    """Drop the Sphinx role prefix of the docstrings' cross-references, keeping the name as code."""
+    return SPHINX_ROLE.sub("", html)
