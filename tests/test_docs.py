@@ -10,6 +10,8 @@ A command that appears on several pages (the README's Quick start and docs/getti
 """
 
 import functools
+import importlib
+import inspect
 import os
 import re
 import shlex
@@ -111,6 +113,16 @@ def test_every_docs_page_is_in_the_site_navigation():
     config = (REPO / "mkdocs.yml").read_text()
     for page in PAGES[1:]:
         assert f": {page.relative_to(REPO / 'docs').as_posix()}\n" in config, f"{name(page)} is not in mkdocs.yml's nav"
+
+
+@pytest.mark.parametrize("package", ["lightning_meta", "datamodules"])
+def test_api_reference_lists_every_public_name(package):
+    """A name added to a package's ``__all__`` gets its API page entry (rendered from its docstring)."""
+    module = importlib.import_module(package)
+    page = (REPO / "docs" / "api" / f"{package}.md").read_text()
+    names = [n for n in module.__all__ if not inspect.ismodule(getattr(module, n))]
+    missing = [n for n in names if f"::: {package}.{n}\n" not in page]
+    assert not missing, f"add '::: {package}.NAME' entries to docs/api/{package}.md for {missing}"
 
 
 def test_docs_method_example_trains(fake_omniglot):
