@@ -114,14 +114,17 @@ class StreamDataModule(pl.LightningDataModule):
                 self.make_source(split), split, self.episodes[split], self.tasks_per_batch, self.seed, rank, world
             )
 
-    def _loader(self, split: str) -> EpisodeLoader:
+    def stream(self, split: str) -> EpisodeStream:
+        """The stream of ``split`` on this process, built if it is not yet."""
         if split not in self.streams:
             self._build_streams(_SPLIT_STAGE[split])
+        return self.streams[split]
+
+    def _loader(self, split: str) -> EpisodeLoader:
+        stream = self.stream(split)
         if split != "train":
-            return EpisodeLoader(self.streams[split], self.num_workers, pin_memory=self.pin_memory)
-        loader = EpisodeLoader(
-            self.streams[split], self.num_workers, self._current_epoch, self._batches_trained, self.pin_memory
-        )
+            return EpisodeLoader(stream, self.num_workers, pin_memory=self.pin_memory)
+        loader = EpisodeLoader(stream, self.num_workers, self._current_epoch, self._batches_trained, self.pin_memory)
         self._resume(loader)
         return loader
 

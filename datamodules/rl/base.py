@@ -108,9 +108,7 @@ class TaskDistribution(StreamDataModule):
 
     def rollout_generator(self, split: str, batch_idx: int, device: torch.device) -> torch.Generator:
         """A generator for the rollouts on evaluation batch ``batch_idx`` of ``split``: the same actions every run."""
-        if split not in self.streams:
-            self._build_streams({"val": "validate", "test": "test"}[split])
-        stream = self.streams[split]
+        stream = self.stream(split)
         assert isinstance(stream, TaskStream)
         return torch.Generator(device=device).manual_seed(stream.rollout_seed(batch_idx))
 
