@@ -10,6 +10,7 @@ from .learn2learn_tasks import Learn2LearnTasks
 from .miniimagenet import MiniImageNet
 from .omniglot import Omniglot
 from .sinusoid import Sinusoid
+from .stream import StreamDataModule
 from .tieredimagenet import TieredImageNet
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "MiniImageNet",
     "Omniglot",
     "Sinusoid",
+    "StreamDataModule",
     "TieredImageNet",
     "as_episode_batch",
 ]

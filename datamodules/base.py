@@ -1,37 +1,25 @@
-"""EpisodicDataModule: the base of every bundle."""
+"""EpisodicDataModule: the base of every bundle of few-shot episodes.
+
+Its stream machinery (seeding, DDP sharding, DataLoaders, mid-epoch resume) is that of
+:class:`~datamodules.stream.StreamDataModule`; the loaders, the resumable position and the labelled
+pre-training batches have files of their own, re-exported here.
+"""
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
-import lightning.pytorch as pl
 import torch
 
-# The episode settings are typed PositiveInt so that LightningCLI rejects a bad value while it parses,
-# naming the key; a ValueError from __init__ would reach the user only under jsonargparse's
-# "Does not validate against any of the Union subtypes", with a traceback.
-from jsonargparse.typing import NonNegativeInt, PositiveInt
-from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
-
-from .episodes import (
-    SPLITS,
-    ClassEpisodeSampler,
-    ClassImages,
-    EpisodeBatch,
-    EpisodePlan,
-    EpisodeStream,
-    TaskSource,
-    episode_seed,
-    planned,
-)
+from .episodes import SPLITS, ClassEpisodeSampler, ClassImages, EpisodeBatch, TaskSource, episode_seed
+from .labelled import LabelledBatch, LabelledImages, LabelledLoader, LabelledSampler
+from .loader import EpisodeLoader
+from .stream import STAGE_SPLITS, NonNegativeInt, PositiveInt, StreamDataModule, check_positive
 
 # EpisodeStream shards its batches across DataLoader workers itself, so its __len__ is exact.
 warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined.*")
 
-_STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
 #: What the training DataLoader serves (``EpisodicDataModule(train_batches=...)``).
 TRAIN_BATCHES = ("episodes", "labelled")
 
@@ -46,249 +34,16 @@ class EmptySplitError(ValueError):
 
 def stage_uses(split: str) -> str:
     """Which stages use ``split``, for error messages: "fit, validate" for 'val'."""
-    return ", ".join(stage for stage, splits in _STAGE_SPLITS.items() if split in splits)
+    return ", ".join(stage for stage, splits in STAGE_SPLITS.items() if split in splits)
 
 
-class _ResumablePosition:
-    """Where a training DataLoader is in its epochs, saved in checkpoints and restored on resume.
-
-    ``epoch`` returns the trainer's current epoch (read when an iteration starts); ``consumed`` how
-    many batches of it the training loop has finished (None outside a fit: then the batches this
-    loader handed out count). Subclasses call :meth:`_next_position` when an iteration starts and
-    count the batches they hand out in ``_handed_out``.
-    """
-
-    def _track_position(self, epoch: Callable[[], int] | None, consumed: Callable[[], int | None] | None) -> None:
-        self._epoch = epoch
-        self._consumed = consumed
-        self._handed_out = 0
-        self._resume_at: tuple[int, int] | None = None
-
-    def _loaded_epoch(self) -> int:
-        """The epoch of the current (or last) iteration."""
-        raise NotImplementedError
-
-    def _next_position(self, length: int) -> tuple[int, int]:
-        """``(epoch, first batch)`` of the iteration that starts now; ``length`` is the batches of an epoch."""
-        if self._resume_at is not None:
-            epoch, start = self._resume_at
-            self._resume_at = None
-            if start >= length:
-                # Saved after the epoch's last batch: the next iteration is the next epoch's.
-                epoch, start = epoch + 1, 0
-        else:
-            epoch = self._epoch() if self._epoch is not None else self._loaded_epoch()
-            start = 0
-        self._handed_out = start
-        return epoch, start
-
-    def state_dict(self) -> dict[str, int]:
-        """The position in the training batches: ``{"epoch": e, "batches_consumed": n}``.
-
-        Under DDP every rank runs the same number of training batches in lockstep, so the
-        position that rank 0 saves holds for every rank; each rank still draws its own batches.
-        """
-        consumed = self._consumed() if self._consumed is not None else None
-        return {"epoch": self._loaded_epoch(), "batches_consumed": self._handed_out if consumed is None else consumed}
-
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        """Start the next iteration after the first ``batches_consumed`` batches of epoch ``epoch``."""
-        self._resume_at = (int(state_dict["epoch"]), int(state_dict["batches_consumed"]))
-
-
-class EpisodeLoader(_ResumablePosition, DataLoader):
-    """A DataLoader over an :class:`EpisodeStream` that tells the stream the epoch and resumes mid-epoch.
-
-    The epoch is read when iteration starts, so each epoch draws new training episodes while a
-    resumed run redraws the same ones. Workers are not kept alive between epochs, because a
-    persistent worker would keep a stale copy of the epoch.
-
-    The loader is stateful in Lightning's sense: :meth:`state_dict` records the stream's epoch and
-    how many of its batches the training loop has consumed, and :meth:`load_state_dict` makes the
-    next iteration start right after them. The Trainer saves this state in every checkpoint and,
-    when a fit restarts mid-epoch, loads it just before it creates the iterator, so the resumed
-    run sees exactly the batches that an uninterrupted run would. ``len()`` stays the length of
-    the whole epoch, because Lightning counts the resumed epoch's batches from its start.
-
-    Fast paths: without workers the loader iterates the stream itself, skipping the DataLoader's
-    per-batch machinery. With workers and a :class:`~datamodules.episodes.PlannedSource` (such as
-    :class:`ClassEpisodeSampler`), the workers draw the batches' plans, small index arrays sent
-    several batches to a message, and the loader gathers the images in the main process as
-    batches leave it: the image cache is already in this process's memory, and shipping
-    gathered pixels from a worker through shared memory (a segment, a file descriptor and page
-    faults per tensor) costs far more than the gather. Batches the loader builds itself are
-    pinned when ``pin_memory`` is set, as the DataLoader would pin them.
-
-    Args:
-        stream: the episodes to load.
-        num_workers: DataLoader worker processes; the stream deals its batches to them.
-        epoch: returns the current epoch (the trainer's); read when an iteration starts.
-        consumed: returns how many batches of the current epoch the training loop has finished,
-            or None outside a fit; by default, and when it returns None, the number of batches
-            this loader has handed out in the current iteration.
-    """
-
-    def __init__(
-        self,
-        stream: EpisodeStream,
-        num_workers: int,
-        epoch: Callable[[], int] | None = None,
-        consumed: Callable[[], int | None] | None = None,
-    ) -> None:
-        super().__init__(
-            stream,
-            batch_size=None,
-            num_workers=num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=False,
-            worker_init_fn=_send_plans if num_workers > 0 and planned(stream.source) is not None else None,
-        )
-        self._track_position(epoch, consumed)
-
-    def _loaded_epoch(self) -> int:
-        stream: EpisodeStream = self.dataset  # type: ignore[assignment]
-        return stream.epoch
-
-    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
-        stream: EpisodeStream = self.dataset  # type: ignore[assignment]
-        stream.epoch, stream.start = self._next_position(len(stream))
-        return self._count(iter(stream) if self.num_workers == 0 else super().__iter__())
-
-    def _count(self, items: Iterator[Any]) -> Iterator[Any]:
-        # Counted in the main process as batches leave the loader, so batches that workers have
-        # prefetched but nobody has taken yet do not count.
-        stream: EpisodeStream = self.dataset  # type: ignore[assignment]
-        source = planned(stream.source)
-        for item in items:
-            gathered = isinstance(item, EpisodePlan)
-            if gathered:
-                assert source is not None
-                batches: Iterable[Any] = map(source.gather, torch.from_numpy(item.index).split(item.sizes))
-            else:
-                batches = (item,)
-            for batch in batches:
-                # Pin what the DataLoader did not build: with workers, its pinning thread saw only plans.
-                if self.pin_memory and (gathered or self.num_workers == 0):
-                    batch = EpisodeBatch(*(part.pin_memory() for part in batch))
-                self._handed_out += 1
-                yield batch
-
-
-def _send_plans(worker_id: int) -> None:
-    """DataLoader worker init of an :class:`EpisodeLoader`: its copy of the stream yields plans."""
-    info = get_worker_info()
-    if info is not None and isinstance(info.dataset, EpisodeStream):
-        info.dataset.plans = True
-
-
-class LabelledBatch(NamedTuple):
-    """Labelled training images for supervised pre-training (``train_batches="labelled"``).
-
-    Attributes:
-        images: ``[N, C, H, W]`` (uint8 from the loader, float after the transfer to the device).
-        labels: ``[N]`` int64 classes in ``0..num_train_classes-1``, numbered over the whole training split.
-    """
-
-    images: Tensor
-    labels: Tensor
-
-
-class LabelledImages(Dataset):
-    """Every image of a :class:`ClassImages` cache labelled with its class; a batch is gathered with one index op."""
-
-    def __init__(self, data: ClassImages) -> None:
-        self.images = data.images
-        self.labels = torch.arange(data.num_classes).repeat_interleave(data.counts)
-        self.num_classes = data.num_classes
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> LabelledBatch:
-        return LabelledBatch(self.images[i], self.labels[i])
-
-    def __getitems__(self, indices: list[int]) -> LabelledBatch:
-        # The DataLoader fetches a whole batch through __getitems__; index_select copies one row per image.
-        index = torch.as_tensor(indices, dtype=torch.long)
-        return LabelledBatch(self.images.index_select(0, index), self.labels.index_select(0, index))
-
-
-def _already_collated(batch: Any) -> Any:
-    return batch  # LabelledImages.__getitems__ gathered the batch
-
-
-class LabelledSampler(DistributedSampler):
-    """This process's share of a new permutation of the training images every epoch.
-
-    The permutation is a fixed function of the datamodule's ``seed`` and the epoch (Lightning's fit
-    loop calls :meth:`set_epoch`), the same on every rank; rank ``r`` of ``w`` takes every ``w``-th
-    image from ``r`` and the tail that does not divide evenly is dropped, so the shards are disjoint
-    and equal. Being a ``DistributedSampler`` built with the trainer's rank and world size, Lightning
-    leaves it in place under DDP rather than wrapping it. ``start`` skips that many of this
-    process's images in the next iteration only (a resumed run skips the batches it trained on).
-    """
-
-    def __init__(self, dataset: LabelledImages, rank: int, world_size: int, seed: int) -> None:
-        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.start = 0
-
-    def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
-        start, self.start = self.start, 0
-        return iter(indices[start:])
-
-
-class LabelledLoader(_ResumablePosition, DataLoader):
-    """The DataLoader of labelled training batches (full batches only); resumes mid-epoch like :class:`EpisodeLoader`.
-
-    Args:
-        dataset: the labelled training images.
-        sampler: this process's share of them.
-        batch_size: images per batch on each process.
-        num_workers: DataLoader worker processes.
-        epoch, consumed: as for :class:`EpisodeLoader`.
-    """
-
-    def __init__(
-        self,
-        dataset: LabelledImages,
-        sampler: LabelledSampler,
-        batch_size: int,
-        num_workers: int,
-        epoch: Callable[[], int] | None = None,
-        consumed: Callable[[], int | None] | None = None,
-    ) -> None:
-        super().__init__(
-            dataset,
-            batch_size=batch_size,
-            sampler=sampler,
-            drop_last=True,
-            num_workers=num_workers,
-            collate_fn=_already_collated,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=False,
-        )
-        self._track_position(epoch, consumed)
-
-    def _loaded_epoch(self) -> int:
-        return self.sampler.epoch  # type: ignore[attr-defined]
-
-    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
-        sampler: LabelledSampler = self.sampler  # type: ignore[assignment]
-        epoch, start = self._next_position(len(self))
-        sampler.set_epoch(epoch)
-        sampler.start = start * int(self.batch_size or 1)
-        for batch in super().__iter__():
-            self._handed_out += 1
-            yield batch
-
-
-class EpisodicDataModule(pl.LightningDataModule):
+class EpisodicDataModule(StreamDataModule):
     """Base LightningDataModule that yields batches of N-way K-shot episodes (:class:`EpisodeBatch`).
 
     A bundle implements :meth:`load_split` (class-indexed uint8 images) or, for data that is not
-    class-indexed, :meth:`make_source`. Everything else (validation of the episode settings,
-    seeding, DDP sharding, DataLoaders, the uint8-to-float step on the device) lives here.
+    class-indexed, :meth:`make_source`. Everything else lives here (validation of the episode
+    settings, the uint8-to-float step on the device) or in :class:`~datamodules.stream.StreamDataModule`
+    (seeding, DDP sharding, DataLoaders, mid-epoch resume).
 
     With ``train_batches="labelled"`` the training DataLoader serves the training split as plain
     labelled batches (:class:`LabelledBatch`: ``batch_size`` images per process, labels
@@ -314,9 +69,6 @@ class EpisodicDataModule(pl.LightningDataModule):
         batch_size: training images per batch and process with ``train_batches="labelled"``.
     """
 
-    #: "classification" (integer labels) or "regression" (float targets); picks the checkpoint metric.
-    task: str = "classification"
-
     def __init__(
         self,
         ways: PositiveInt = 5,
@@ -334,44 +86,23 @@ class EpisodicDataModule(pl.LightningDataModule):
         train_batches: Literal["episodes", "labelled"] = "episodes",
         batch_size: PositiveInt = 64,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        positive = {
-            "ways": ways,
-            "shots": shots,
-            "queries": queries,
-            "tasks_per_batch": tasks_per_batch,
-            "train_episodes": train_episodes,
-            "val_episodes": val_episodes,
-            "test_episodes": test_episodes,
+        episode = {"ways": ways, "shots": shots, "queries": queries}
+        for name, value in episode.items():
+            check_positive(name, value)
+        super().__init__(tasks_per_batch, train_episodes, val_episodes, test_episodes, seed, num_workers)
+        for name, value in {
             "train_ways": train_ways,
             "train_shots": train_shots,
             "train_queries": train_queries,
-            "batch_size": batch_size,
-        }
-        for name, value in positive.items():
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                unset = f", or None to use {name[6:]}" if name.startswith("train_") and name[6:] in positive else ""
-                raise ValueError(
-                    f"{name}={value!r} must be at least 1; set {name} to a whole number of 1 or more{unset}"
-                )
-        if not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(
-                f"num_workers={num_workers!r} must be at least 0; set it to 0 (sampling in this process) or more"
-            )
+        }.items():
+            check_positive(name, value, f", or None to use {name[6:]}")
+        check_positive("batch_size", batch_size)
         for name, value in (("ways", ways), ("train_ways", train_ways)):
             if self.task == "classification" and value == 1:
                 raise ValueError(
                     f"{name}=1: a 1-way episode has a single class, so every prediction is right (loss 0, accuracy "
                     f"1.0) and nothing is learned; set {name} to 2 or more (5 or 20 in the papers)"
                 )
-        # int(): the CLI passes jsonargparse's PositiveInt, an int subclass; keep plain ints.
-        ways, shots, queries, tasks_per_batch = int(ways), int(shots), int(queries), int(tasks_per_batch)
-        train_episodes, val_episodes, test_episodes = int(train_episodes), int(val_episodes), int(test_episodes)
-        train_ways, train_shots, train_queries = (
-            None if v is None else int(v) for v in (train_ways, train_shots, train_queries)
-        )
-        num_workers = int(num_workers)
         if train_batches not in TRAIN_BATCHES:
             raise ValueError(
                 f"train_batches={train_batches!r} must be one of {', '.join(map(repr, TRAIN_BATCHES))}: "
@@ -383,16 +114,13 @@ class EpisodicDataModule(pl.LightningDataModule):
                 f"{type(self).__name__} draws its episodes with make_source() and has none; use "
                 "train_batches='episodes' or a class-indexed bundle"
             )
+        # int(): the CLI passes jsonargparse's PositiveInt, an int subclass; keep plain ints.
+        self.ways, self.shots, self.queries = int(ways), int(shots), int(queries)
+        self.train_ways, self.train_shots, self.train_queries = (
+            None if v is None else int(v) for v in (train_ways, train_shots, train_queries)
+        )
         self.train_batches, self.batch_size = train_batches, int(batch_size)
         self._labelled: LabelledImages | None = None
-        self.ways, self.shots, self.queries = ways, shots, queries
-        self.tasks_per_batch = tasks_per_batch
-        self.episodes = {"train": train_episodes, "val": val_episodes, "test": test_episodes}
-        self.train_ways, self.train_shots, self.train_queries = train_ways, train_shots, train_queries
-        self.seed, self.num_workers = seed, num_workers
-        self.streams: dict[str, EpisodeStream] = {}
-        self._train_loader: EpisodeLoader | LabelledLoader | None = None
-        self._train_resume_at: dict[str, int] | None = None
 
     # ----------------------------------------------------------------- hooks for bundles
     def load_split(self, split: str) -> ClassImages:
@@ -441,19 +169,6 @@ class EpisodicDataModule(pl.LightningDataModule):
                 f"has only {int(counts[smallest])} examples; lower shots or queries"
             )
 
-    def _rank_and_world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        if trainer is None:
-            return 0, 1
-        return trainer.global_rank, trainer.world_size
-
-    def setup(self, stage: str) -> None:
-        """Build the episode streams of the splits that ``stage`` needs."""
-        # The Trainer calls setup before it restores a checkpoint, so a position loaded by an
-        # earlier run (say trainer.validate(ckpt_path=...)) never leaks into this one.
-        self._train_resume_at = None
-        self._build_streams(stage)
-
     @property
     def num_train_classes(self) -> int:
         """The number of classes of the training split: the labels of ``train_batches="labelled"`` are below it."""
@@ -464,27 +179,14 @@ class EpisodicDataModule(pl.LightningDataModule):
             )
         return self.load_split("train").num_classes
 
+    def _streamed_splits(self, stage: str) -> tuple[str, ...]:
+        labelled = self.train_batches == "labelled"
+        return tuple(split for split in super()._streamed_splits(stage) if not (labelled and split == "train"))
+
     def _build_streams(self, stage: str) -> None:
-        rank, world = self._rank_and_world()
-        for split in _STAGE_SPLITS[stage]:
-            if split == "train" and self.train_batches == "labelled":
-                if self._labelled is None:
-                    self._labelled = LabelledImages(self.load_split("train"))
-                continue
-            if split in self.streams and (self.streams[split].rank, self.streams[split].world_size) == (
-                rank,
-                world,
-            ):
-                continue
-            self.streams[split] = EpisodeStream(
-                self.make_source(split),
-                split,
-                self.episodes[split],
-                self.tasks_per_batch,
-                self.seed,
-                rank,
-                world,
-            )
+        if self.train_batches == "labelled" and "train" in STAGE_SPLITS[stage] and self._labelled is None:
+            self._labelled = LabelledImages(self.load_split("train"))
+        super()._build_streams(stage)
 
     def _labelled_loader(self) -> LabelledLoader:
         if self._labelled is None:
@@ -506,58 +208,8 @@ class EpisodicDataModule(pl.LightningDataModule):
         self._resume(loader)
         return loader
 
-    def _loader(self, split: str) -> EpisodeLoader:
-        if split not in self.streams:
-            self._build_streams({"train": "fit", "val": "validate", "test": "test"}[split])
-        if split != "train":
-            return EpisodeLoader(self.streams[split], self.num_workers)
-        loader = EpisodeLoader(self.streams[split], self.num_workers, self._current_epoch, self._batches_trained)
-        self._resume(loader)
-        return loader
-
-    def _resume(self, loader: EpisodeLoader | LabelledLoader) -> None:
-        """Make ``loader`` the training loader, starting where a loaded checkpoint stopped."""
-        if self._train_resume_at is not None:
-            loader.load_state_dict(self._train_resume_at)
-            self._train_resume_at = None
-        self._train_loader = loader
-
-    def state_dict(self) -> dict[str, Any]:
-        """The training stream's position, which the Trainer saves in every checkpoint.
-
-        ``{"train": {"epoch": e, "batches_consumed": n}}`` (see :meth:`EpisodeLoader.state_dict`),
-        or ``{}`` before a training DataLoader exists.
-        """
-        return {} if self._train_loader is None else {"train": self._train_loader.state_dict()}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Make the next training DataLoader start where the saved stream stopped.
-
-        The Trainer calls this on every resume, before it asks for the training DataLoader. A
-        checkpoint saved mid-epoch continues that epoch after its consumed batches; one saved
-        after an epoch's last batch starts the next epoch at its first batch. (The Trainer also
-        restores the loader's own state when it restarts mid-epoch; both hold the same position.)
-        """
-        self._train_resume_at = state_dict.get("train")
-
-    def _current_epoch(self) -> int:
-        return self.trainer.current_epoch if self.trainer is not None else 0
-
-    def _batches_trained(self) -> int | None:
-        # `processed` is where Lightning resumes: a batch whose step was interrupted (a checkpoint
-        # taken on an exception or a preemption signal) is trained again, one whose step ended is not.
-        if self.trainer is None:
-            return None
-        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed  # type: ignore[attr-defined]
-
     def train_dataloader(self) -> EpisodeLoader | LabelledLoader:
         return self._labelled_loader() if self.train_batches == "labelled" else self._loader("train")
-
-    def val_dataloader(self) -> EpisodeLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> EpisodeLoader:
-        return self._loader("test")
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Turn uint8 images into floats on the device (4x less to copy), and augment training batches."""

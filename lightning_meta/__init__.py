@@ -26,8 +26,6 @@ from .algorithms import (
     Reptile,
 )
 from .algorithms.gradient import GradientModule
-from .algorithms.maml_rl import MAMLRL  # meta-RL (not EpisodicModules): lightning_meta.rl
-from .algorithms.rl2 import RL2
 from .backbones import (
     MLP,
     WRN28_10,
@@ -43,6 +41,7 @@ from .base import AdaptationCurve, EpisodeOutput, EpisodicModule
 from .functional import SGD, Adam, InnerOptimizer, MetaSGD, Momentum, forward_with, inner_loop, map_tasks, select_params
 from .inference import load_checkpoint, predict_episode, predict_folders
 from .precision import default_precision
+from .rl import MAMLRL, RL2  # meta-RL (not EpisodicModules)
 
 #: Base classes: subclass them, do not train them directly.
 BASE_CLASSES = ("EpisodicModule", "GradientModule")

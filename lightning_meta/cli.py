@@ -19,10 +19,10 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 import datamodules  # noqa: F401  (registers the bundles for short names in YAML)
-from datamodules import EpisodicDataModule
+from datamodules import StreamDataModule
 
-from . import EpisodicModule, threads
-from .callbacks import EpisodeImages, EpisodesPerSecond, InterruptCheckpoint, default_callbacks, out_of_memory_message
+from . import threads
+from .callbacks import InterruptCheckpoint, default_callbacks, out_of_memory_message
 from .checkpoints import (  # noqa: F401  (find_best_checkpoint: its old home)
     TRUST_VARIABLE,
     EpisodicCheckpoint,
@@ -153,7 +153,7 @@ def known_classes(key: str) -> dict[str, str]:
         packages, base = [lightning_meta], LightningModule
     else:
         packages, base = [lightning_meta.backbones], torch.nn.Module
-    bases = {*lightning_meta.BASE_CLASSES, "EpisodicDataModule", "TaskDistribution"}
+    bases = {*lightning_meta.BASE_CLASSES, "EpisodicDataModule", "StreamDataModule", "TaskDistribution"}
     found: dict[str, str] = {}
     for package in packages:
         for name in getattr(package, "__all__", []):
@@ -322,9 +322,6 @@ class MetaCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         use_safe_checkpoint_io(trainer)  # checkpoints read as data, written atomically
         claim_run_folders(trainer)  # two fits started at once get two version_* folders
-        if not isinstance(self.model, EpisodicModule):  # meta-RL modules: batches of task parameters, not episodes
-            kept = [c for c in trainer.callbacks if not isinstance(c, EpisodeImages | EpisodesPerSecond)]  # type: ignore[attr-defined]
-            trainer.callbacks = kept  # type: ignore[attr-defined]
         return trainer
 
     def _resume_in_place(self) -> None:
@@ -524,7 +521,7 @@ def make_cli(args: list[str] | None = None, run: bool = True) -> MetaCLI:
     }
     return MetaCLI(
         LightningModule,  # EpisodicModule subclasses, and the meta-RL modules (lightning_meta.rl.MetaRLModule)
-        EpisodicDataModule,
+        StreamDataModule,  # EpisodicDataModule bundles, and the meta-RL task distributions (datamodules.rl)
         subclass_mode_model=True,
         subclass_mode_data=True,
         seed_everything_default=0,

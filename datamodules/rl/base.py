@@ -8,13 +8,11 @@ tasks for a seed, different training tasks per epoch and DDP rank.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from ..base import EpisodeLoader, EpisodicDataModule, NonNegativeInt, PositiveInt
-from ..episodes import EpisodeStream
+from ..episodes import EpisodeStream, episode_seed
+from ..stream import NonNegativeInt, PositiveInt, StreamDataModule
 
 
 class TaskEnv:
@@ -64,12 +62,21 @@ class TaskStream(EpisodeStream):
             return super().batch(j)  # type: ignore[return-value]
         return torch.cat([self.episode(i) for i in self._episodes_of(j)])  # type: ignore[misc]
 
+    def rollout_seed(self, batch_idx: int) -> int:
+        """The seed of the rollouts on this process's evaluation batch ``batch_idx``.
 
-class TaskDistribution(EpisodicDataModule):
+        A function of the seed, the split and the batch's index in the whole split, so an
+        evaluation rolls out the same actions whatever the process count.
+        """
+        return episode_seed(self.seed, self.split, self._local_batches()[batch_idx], "rollout")
+
+
+class TaskDistribution(StreamDataModule):
     """Base LightningDataModule of meta-RL task distributions: batches of ``[B, P]`` task parameters.
 
     Subclasses build their :class:`TaskEnv` in ``__init__`` as ``self.env``. Seeding, DDP sharding
-    and mid-epoch resume are those of :class:`~datamodules.base.EpisodicDataModule`.
+    and mid-epoch resume are those of :class:`~datamodules.stream.StreamDataModule`, the sibling of
+    the episodes' :class:`~datamodules.base.EpisodicDataModule`.
 
     Args:
         tasks_per_batch: tasks per meta-batch (20 in Finn et al. 2017).
@@ -81,6 +88,8 @@ class TaskDistribution(EpisodicDataModule):
     """
 
     task = "reinforcement"
+    stream_class = TaskStream
+    pin_memory = False  # task tensors are tiny: pinning them costs more than it saves
     env: TaskEnv
 
     def __init__(
@@ -92,34 +101,16 @@ class TaskDistribution(EpisodicDataModule):
         seed: int = 0,
         num_workers: NonNegativeInt = 0,
     ) -> None:
-        super().__init__(
-            ways=1,
-            shots=1,
-            queries=1,
-            tasks_per_batch=tasks_per_batch,
-            train_episodes=train_episodes,
-            val_episodes=val_episodes,
-            test_episodes=test_episodes,
-            seed=seed,
-            num_workers=num_workers,
-        )
+        super().__init__(tasks_per_batch, train_episodes, val_episodes, test_episodes, seed, num_workers)
 
     def make_source(self, split: str) -> _TaskSource:  # type: ignore[override]
         return _TaskSource(self.env)
 
-    def _build_streams(self, stage: str) -> None:
-        super()._build_streams(stage)
-        for stream in self.streams.values():
-            if type(stream) is EpisodeStream:
-                stream.__class__ = TaskStream  # the same state; evaluation batches are task tensors
-
-    def _loader(self, split: str) -> EpisodeLoader:
-        loader = super()._loader(split)
-        loader.pin_memory = False  # its pinning expects EpisodeBatch; task tensors are tiny
-        return loader
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        return batch
+    def rollout_generator(self, split: str, batch_idx: int, device: torch.device) -> torch.Generator:
+        """A generator for the rollouts on evaluation batch ``batch_idx`` of ``split``: the same actions every run."""
+        stream = self.stream(split)
+        assert isinstance(stream, TaskStream)
+        return torch.Generator(device=device).manual_seed(stream.rollout_seed(batch_idx))
 
     def teardown(self, stage: str) -> None:
         super().teardown(stage)

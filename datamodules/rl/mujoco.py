@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..base import PositiveInt
+from ..stream import PositiveInt
 from .base import TaskDistribution, TaskEnv
 
 

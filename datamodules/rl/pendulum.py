@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..base import PositiveInt
+from ..stream import PositiveInt
 from .base import TaskDistribution, TaskEnv
 
 

@@ -1,18 +1,23 @@
-"""Shared meta-RL pieces: policies, rollouts, advantages, policy-gradient objectives, TRPO, the module base."""
+"""Meta-RL: the module base, the methods (MAML-RL, RL^2) and their kit: policies, rollouts, advantages, objectives."""
 
 from .callbacks import TrajectoryImages, trajectory_picture
 from .losses import conjugate_gradient, policy_gradient_loss, ppo_clip_loss, ratio_loss, trpo_step
+from .maml_rl import MAMLRL
 from .module import MetaRLModule
 from .policies import CategoricalMLPPolicy, GaussianMLPPolicy, GRUPolicy, Policy, make_policy
 from .returns import check_discounts, discounted_returns, gae, linear_baseline, linear_baseline_features, normalize
-from .rollout import Trajectories, rollout
+from .rl2 import RL2
+from .rollout import Feedback, Trajectories, rollout
 
 __all__ = [
     "CategoricalMLPPolicy",
     "GRUPolicy",
+    "Feedback",
     "GaussianMLPPolicy",
+    "MAMLRL",
     "MetaRLModule",
     "Policy",
+    "RL2",
     "Trajectories",
     "TrajectoryImages",
     "check_discounts",

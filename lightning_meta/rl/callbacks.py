@@ -9,6 +9,8 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
+from ..callbacks import EpisodeImages
+
 
 def trajectory_picture(goals: Tensor, pre: Tensor, post: Tensor, size: int = 96, extent: float = 0.75) -> Tensor:
     """An RGB image ``[3, size, K * (size + 2)]``: per task, trajectories before (blue) and after (green) adaptation.
@@ -37,12 +39,17 @@ def trajectory_picture(goals: Tensor, pre: Tensor, post: Tensor, size: int = 96,
     return torch.cat(panels[:-1], 2)
 
 
-class TrajectoryImages(pl.Callback):
+class TrajectoryImages(EpisodeImages):
     """Log ``{stage}/trajectories``: 2D navigation rollouts before and after adaptation for a few fixed tasks.
 
     Uses the first evaluation batch's ``trajectory_snapshot`` of the module (tasks, pre- and
     post-adaptation observations); only for environments whose observation is a 2D position with
     a 2D goal, on global rank 0, to TensorBoard loggers, outside the sanity check.
+
+    It is the meta-RL kind of :class:`~lightning_meta.callbacks.EpisodeImages`: returned by
+    :meth:`MetaRLModule.configure_callbacks <lightning_meta.rl.module.MetaRLModule.configure_callbacks>`,
+    it replaces the CLI's episode pictures (Lightning replaces a Trainer callback by a module's
+    callback of its type), which a batch of task parameters has none of.
 
     Args:
         tasks: how many tasks to draw.
@@ -52,7 +59,7 @@ class TrajectoryImages(pl.Callback):
     def __init__(self, tasks: int = 4, trajectories: int = 5) -> None:
         self.tasks, self.trajectories = tasks, trajectories
 
-    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def _draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         snapshot: dict[str, Any] | None = getattr(pl_module, "trajectory_snapshot", None)
         if snapshot is None or trainer.sanity_checking or not trainer.is_global_zero:
             return
@@ -67,8 +74,14 @@ class TrajectoryImages(pl.Callback):
         for logger in loggers:
             logger.experiment.add_image(f"{stage}/trajectories", picture, trainer.global_step)
 
+    def on_validation_batch_start(self, *args: Any, **kwargs: Any) -> None:
+        pass  # no episode to draw: the trajectories are drawn at the epoch's end
+
+    def on_test_batch_start(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._log(trainer, pl_module, "val")
+        self._draw(trainer, pl_module, "val")
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._log(trainer, pl_module, "test")
+        self._draw(trainer, pl_module, "test")

@@ -2,8 +2,9 @@
 
 It owns what both share: the environment of the datamodule, manual optimisation with gradients
 averaged over processes through the Trainer's strategy, seeded evaluation rollouts, the returns'
-95% confidence interval and the ``env_steps/s`` of the progress bar. Rollouts happen inside the
-training step, so the Trainer's DDP, checkpointing, resume and ``max_time`` keep working.
+95% confidence interval, the ``env_steps/s`` of the progress bar, and what the Trainer should
+watch (the checkpoint monitor and :meth:`~MetaRLModule.configure_callbacks`). Rollouts happen
+inside the training step, so the Trainer's DDP, checkpointing, resume and ``max_time`` keep working.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from datamodules.episodes import episode_seed
-from datamodules.rl.base import TaskEnv
+from datamodules.rl.base import TaskDistribution, TaskEnv
 
 from ..metrics import ConfidenceInterval95
+from .callbacks import TrajectoryImages
 
 
 class MetaRLModule(pl.LightningModule):
@@ -41,17 +42,21 @@ class MetaRLModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ environment and networks
     @property
-    def env(self) -> TaskEnv:
-        """The task environment of the Trainer's datamodule (a :class:`~datamodules.rl.TaskDistribution`)."""
+    def tasks(self) -> TaskDistribution:
+        """The Trainer's datamodule: the task distribution, with its environment and evaluation seeds."""
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        env = getattr(datamodule, "env", None)
-        if not isinstance(env, TaskEnv):
+        if not isinstance(datamodule, TaskDistribution) or not isinstance(getattr(datamodule, "env", None), TaskEnv):
             raise ValueError(
                 f"{type(self).__name__} needs a meta-RL datamodule with an `env` (datamodules.rl: Navigation2D, "
                 f"Pendulum, Bandit, HalfCheetahVel, HalfCheetahDir), got {type(datamodule).__name__}; pass "
                 "trainer.fit(module, datamodule=...)"
             )
-        return env
+        return datamodule
+
+    @property
+    def env(self) -> TaskEnv:
+        """The task environment of the Trainer's datamodule (a :class:`~datamodules.rl.TaskDistribution`)."""
+        return self.tasks.env
 
     def build(self, env: TaskEnv) -> None:
         """Create the networks for ``env``'s observation and action sizes."""
@@ -95,10 +100,11 @@ class MetaRLModule(pl.LightningModule):
             )
 
     def rollout_generator(self, tasks: Tensor, stage: str, batch_idx: int) -> torch.Generator:
-        """A generator for the rollouts of evaluation batch ``batch_idx``: the same actions every run."""
-        datamodule = getattr(self._trainer, "datamodule", None)
-        seed = episode_seed(getattr(datamodule, "seed", 0), stage, batch_idx, "rollout")
-        return torch.Generator(device=tasks.device).manual_seed(seed)
+        """A generator for the rollouts of evaluation batch ``batch_idx``: the same actions every run.
+
+        Seeded by the datamodule (:meth:`~datamodules.rl.base.TaskDistribution.rollout_generator`).
+        """
+        return self.tasks.rollout_generator(stage, batch_idx, tasks.device)
 
     def log_env_rate(self, steps: int, started: float) -> None:
         """``env_steps/s`` of this training step in the progress bar."""
@@ -115,6 +121,10 @@ class MetaRLModule(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         raise NotImplementedError
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """Pictures of rollouts, which take the place of the episode pictures: a batch of tasks holds no images."""
+        return [TrajectoryImages()]
 
 
 def start_timer() -> float:

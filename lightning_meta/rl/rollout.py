@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from .policies import Policy
+from .policies import GRUPolicy, Policy
 
 
 @dataclass
@@ -46,37 +46,49 @@ class Trajectories:
         return Trajectories(*(getattr(self, f.name)[b] for f in fields(self)))
 
 
+#: What a step left: ``(actions, rewards, dones)``, or None before a trial's first step.
+Feedback = tuple[Tensor, Tensor, Tensor] | None
+
+
 def rollout(
     env: object,
     tasks: Tensor,
     trajectories: int,
-    policy: Policy,
-    policy_fn: Callable[[Tensor], Tensor],
+    policy: Policy | GRUPolicy,
+    policy_fn: Callable[[Tensor, Feedback], Tensor],
     generator: torch.Generator | None = None,
+    episodes: int = 1,
 ) -> Trajectories:
-    """Sample ``trajectories`` episodes of ``env.horizon`` steps on each task, without gradients.
+    """Sample ``trajectories`` trials of ``episodes`` episodes of ``env.horizon`` steps on each task, without gradients.
 
     Args:
         env: a :class:`~datamodules.rl.base.TaskEnv`.
         tasks: ``[B, P]`` task parameters.
-        trajectories: episodes per task.
+        trajectories: trials per task.
         policy: turns ``policy_fn``'s output into actions (:meth:`Policy.sample`).
-        policy_fn: ``[B, n, obs_dim]`` observations -> ``[B, n, D]`` distribution parameters (the
-            policy with shared or per-task parameters).
+        policy_fn: ``([B, n, obs_dim]`` observations, the last step's :data:`Feedback`) ->
+            ``[B, n, D]`` distribution parameters: the policy with shared or per-task parameters,
+            or a recurrent one that reads the feedback (RL^2). After an episode's last step the
+            feedback's dones are 1, whatever the environment said: the next step starts an episode.
         generator: for reproducible evaluation rollouts; the global generator when None.
+        episodes: episodes per trial; the environment is reset before each, the trial's time
+            axis holds them one after the other (``T = episodes * env.horizon``).
     """
-    obs = env.reset(tasks, trajectories, generator)  # type: ignore[attr-defined]
     record: dict[str, list[Tensor]] = {f.name: [] for f in fields(Trajectories)}
+    feedback: Feedback = None
     with torch.no_grad():
-        for _ in range(env.horizon):  # type: ignore[attr-defined]
-            out = policy_fn(obs)
-            action = policy.sample(out, generator)
-            next_obs, reward, done = env.step(action)  # type: ignore[attr-defined]
-            log_prob = policy.distribution(out).log_prob(action)
-            values = (obs, action, reward, done, out, log_prob)
-            for name, value in zip(
-                ("obs", "actions", "rewards", "dones", "policy_out", "log_probs"), values, strict=True
-            ):
-                record[name].append(value)
-            obs = next_obs
+        for _ in range(episodes):
+            obs = env.reset(tasks, trajectories, generator)  # type: ignore[attr-defined]
+            for _ in range(env.horizon):  # type: ignore[attr-defined]
+                out = policy_fn(obs, feedback)
+                action = policy.sample(out, generator)
+                next_obs, reward, done = env.step(action)  # type: ignore[attr-defined]
+                log_prob = policy.distribution(out).log_prob(action)
+                values = (obs, action, reward, done, out, log_prob)
+                for name, value in zip(
+                    ("obs", "actions", "rewards", "dones", "policy_out", "log_probs"), values, strict=True
+                ):
+                    record[name].append(value)
+                obs, feedback = next_obs, (action, reward, done)
+            feedback = (action, reward, torch.ones_like(done))
     return Trajectories(**{name: torch.stack(values, 2) for name, values in record.items()})

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from datamodules.rl import Bandit, HalfCheetahDir, HalfCheetahVel, Navigation2D, Pendulum
+from datamodules.rl.base import TaskStream
 
 
 def test_navigation2d_steps_and_rewards_match_a_hand_computation():
@@ -108,3 +109,16 @@ def test_halfcheetah_worker_processes_give_the_same_rollouts_as_one_process():
         assert torch.equal(one, two)
     with pytest.raises(ValueError, match="env_workers=0"):
         HalfCheetahDir(env_workers=0)
+
+
+def test_evaluation_tasks_and_rollout_seeds_are_the_same_whatever_the_process_count():
+    data = Navigation2D(tasks_per_batch=2, val_episodes=10, seed=3)
+    one = TaskStream(data.make_source("val"), "val", 10, 2, 3)
+    ranks = [TaskStream(data.make_source("val"), "val", 10, 2, 3, rank, 2) for rank in range(2)]
+    served = [list(rank) for rank in ranks]
+    # Batch j of the split is rank j % 2's batch j // 2, rolled out with the same seed.
+    for j, batch in enumerate(one):
+        rank, local = j % 2, j // 2
+        assert torch.equal(batch, served[rank][local])
+        assert one.rollout_seed(j) == ranks[rank].rollout_seed(local)
+    assert len({one.rollout_seed(j) for j in range(len(one))}) == len(one)

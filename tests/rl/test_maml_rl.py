@@ -10,11 +10,15 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from datamodules.rl import Bandit, Navigation2D
 from lightning_meta.algorithms.maml_rl import MAMLRL
 from lightning_meta.algorithms.rl2 import RL2
+from lightning_meta.callbacks import EpisodeImages, EpisodesPerSecond
 from lightning_meta.functional import MetaSGD
+from lightning_meta.rl import TrajectoryImages
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = Path(sys.executable).parent / "lightning-meta"
@@ -146,3 +150,18 @@ def test_maml_rl_ddp_two_processes_and_resume_from_a_mid_run_checkpoint(tmp_path
     assert resumed["global_step"] == 3
     moved = [not torch.equal(resumed["state_dict"][k], last["state_dict"][k]) for k in last["state_dict"]]
     assert any(moved)
+
+
+@pytest.mark.parametrize("module", [MAMLRL, RL2])
+def test_meta_rl_modules_replace_the_episode_pictures_with_trajectory_pictures(module, tmp_path):
+    # The CLI gives every run EpisodeImages, which cannot draw a batch of task parameters; the
+    # modules' configure_callbacks puts TrajectoryImages in its place.
+    data = Navigation2D(tasks_per_batch=2, train_episodes=2, val_episodes=2, test_episodes=2, horizon=5)
+    model = MAMLRL(hidden_sizes=[8], trajectories=2, inner_steps_eval=1) if module is MAMLRL else RL2(hidden_size=8)
+    logger = TensorBoardLogger(tmp_path, name="run")
+    t = trainer(logger=logger, callbacks=[EpisodeImages(), EpisodesPerSecond()], log_every_n_steps=1)
+    t.fit(model, datamodule=data)
+    assert [type(c) for c in t.callbacks if isinstance(c, EpisodeImages)] == [TrajectoryImages]
+    assert any(isinstance(c, EpisodesPerSecond) for c in t.callbacks)  # it skips batches that hold no episodes
+    tags = EventAccumulator(logger.log_dir).Reload().Tags()["images"]
+    assert tags == (["val/trajectories"] if module is MAMLRL else [])
