@@ -8,7 +8,7 @@ from .threads import apply_cli_policy
 
 apply_cli_policy()  # the lightning-meta command's OpenMP wait policy: must come before torch loads
 
-from . import functional
+from . import functional, inner_optimizers
 from .algorithms import (
     ANIL,
     LSLR,
@@ -84,6 +84,7 @@ __all__ = [
     "default_precision",
     "forward_with",
     "functional",
+    "inner_optimizers",
     "inner_loop",
     "load_checkpoint",
     "map_tasks",

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -13,8 +12,9 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from ..backbones import TaskBatchNorm2d
-from ..functional import InnerOptimizer, Params, _check_lr, _key, adaptation_curve_steps, gradients
+from ..functional import Params, adaptation_curve_steps, gradients
 from ..functional import select_params as select
+from ..inner_optimizers import LSLR, InnerOptimizer
 from .gradient import BackboneHead
 from .maml import MAML
 
@@ -101,43 +101,6 @@ def per_step_batch_norm(module: nn.Module, steps: int) -> nn.Module:
     for name, child in list(module.named_children()):
         setattr(module, name, per_step_batch_norm(child, steps))
     return module
-
-
-class LSLR(InnerOptimizer):
-    """Learned per-layer per-step inner learning rates (LSLR, Antoniou et al. 2019, section 4).
-
-    ``p - lr[p, t] * g`` at inner step ``t``: one learned rate per parameter tensor and per step,
-    all initialised to ``lr`` (their ``LSLRGradientDescentLearningRule``). Steps beyond ``steps``
-    (a longer evaluation) reuse the last rate.
-
-    Args:
-        lr: initial rate.
-        steps: inner steps with their own rate.
-    """
-
-    def __init__(self, lr: float = 0.1, steps: int = 5) -> None:
-        super().__init__()
-        _check_lr("LSLR", lr)
-        if steps < 1:
-            raise ValueError(f"LSLR: steps={steps} must be >= 1 (one rate per inner step)")
-        self.lr, self.steps = lr, steps
-        self.lrs = nn.ParameterDict()
-
-    def bind(self, named_params: Mapping[str, Tensor]) -> None:
-        for name, p in named_params.items():
-            if _key(name) not in self.lrs:
-                self.lrs[_key(name)] = nn.Parameter(torch.full((self.steps,), float(self.lr), dtype=p.dtype,
-                                                               device=p.device))  # fmt: skip
-
-    def step(self, params: Params, grads: Params, state: Any, t: int) -> tuple[Params, Any]:
-        missing = [name for name in params if _key(name) not in self.lrs]
-        if missing:
-            raise RuntimeError(f"LSLR has no rates for {missing}; call bind(named_params) with them first")
-        k = min(t, self.steps) - 1
-        return {name: p - self.lrs[_key(name)][k] * grads[name] for name, p in params.items()}, state
-
-    def extra_repr(self) -> str:
-        return f"lr={self.lr}, steps={self.steps}"
 
 
 class MAMLPlusPlus(MAML):
