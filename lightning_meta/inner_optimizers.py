@@ -15,7 +15,7 @@ it. :func:`resolve_inner_optimizer` is where the modules turn their ``inner_lr``
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -282,3 +282,69 @@ class _TensorStore(nn.Module):
                 self.get(name).copy_(value.detach())
             else:
                 self.register_buffer(_key(name), value.detach().clone())
+
+
+#: The inner optimisers a module's ``inner_optimizer`` may name by a string, built with its ``inner_lr``.
+BY_NAME: dict[str, Callable[[float], InnerOptimizer]] = {"sgd": SGD, "adam": Adam, "momentum": Momentum}
+
+
+def resolve_inner_optimizer(
+    owner: str,
+    inner_optimizer: InnerOptimizer | str | None,
+    inner_lr: float,
+    *,
+    learn: bool | Literal["tensor", "element"] = False,
+    per_step: int | None = None,
+    flag: str = "learn_inner_lr",
+    default: str = "sgd",
+) -> InnerOptimizer:
+    """The inner optimiser a gradient-based module runs: ``inner_optimizer`` is the knob, ``inner_lr`` its sugar.
+
+    The one place where a module's ``inner_lr`` (and Meta-SGD / LSLR switch) becomes an inner
+    optimiser: an :class:`InnerOptimizer` is used as given; a name (``"sgd"``, ``"adam"``,
+    ``"momentum"``) or None (``default``) is built with ``lr=inner_lr``; with ``learn`` the step
+    sizes are learned from ``inner_lr`` (:class:`MetaSGD`, per ``"tensor"`` for True or ``"element"``;
+    with ``per_step`` one set per inner step, :class:`LSLR`).
+
+    Args:
+        owner: the module's name, for error messages.
+        inner_optimizer: an inner optimiser, a name of :data:`BY_NAME`, or None for ``default``.
+        inner_lr: the step size of a named or default optimiser, and the initial learned one.
+        learn: learn the step sizes (Meta-SGD): False, True / ``"tensor"`` or ``"element"``.
+        per_step: with ``learn``, inner steps with their own learned step sizes (LSLR).
+        flag: the module's argument that sets ``learn``, for error messages.
+        default: the name used when ``inner_optimizer`` is None.
+
+    Raises:
+        ValueError: for an unknown name, a bad ``learn``, or ``learn`` beside an explicit optimiser.
+    """
+    if learn not in (False, True, "tensor", "element"):
+        raise ValueError(f"{owner}: {flag}={learn!r} must be False, True, 'tensor' or 'element'")
+    if isinstance(inner_optimizer, InnerOptimizer):
+        if learn:
+            what = f"LSLR(lr=inner_lr, steps={per_step})" if per_step else "MetaSGD(lr=inner_lr, per=...)"
+            raise ValueError(
+                f"{owner}: {flag}={learn!r} and inner_optimizer={inner_optimizer!r} both choose the inner optimizer; "
+                f"give one ({flag} is inner_optimizer={what})"
+            )
+        return inner_optimizer
+    name = default if inner_optimizer is None else inner_optimizer
+    if not isinstance(name, str) or name not in BY_NAME:
+        raise ValueError(
+            f"{owner}: inner_optimizer={inner_optimizer!r} must be one of {sorted(BY_NAME)} or an InnerOptimizer "
+            "(lightning_meta.functional.SGD, MetaSGD, LSLR, Momentum, Adam)"
+        )
+    if learn:
+        per: Literal["tensor", "element"] = "element" if learn == "element" else "tensor"
+        return LSLR(inner_lr, per_step) if per_step and per == "tensor" else MetaSGD(inner_lr, per, per_step)
+    return BY_NAME[name](inner_lr)
+
+
+def current_lr(optimizer: InnerOptimizer) -> float | None:
+    """The optimiser's step size now: the mean of learned ones (Meta-SGD, LSLR), else its ``lr``; None without one."""
+    learned = getattr(optimizer, "lrs", None)
+    if isinstance(learned, nn.ParameterDict) and len(learned):
+        with torch.no_grad():
+            return float(torch.cat([lr.detach().flatten() for lr in learned.values()]).mean())
+    lr = getattr(optimizer, "lr", None)
+    return float(lr) if isinstance(lr, int | float) else None

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 from datamodules.episodes import EpisodeBatch
 
 from ..base import EpisodeOutput, at_least_float32, embed_episode
-from ..functional import SGD, InnerOptimizer, Params, forward_with, inner_loop, map_tasks
+from ..functional import Params, forward_with, inner_loop, map_tasks
+from ..inner_optimizers import InnerOptimizer, resolve_inner_optimizer
 from .gradient import GradientModule
 
 BODY_BATCHINGS = ("sets", "task", "flat")
@@ -79,7 +80,7 @@ class ANIL(GradientModule):
     ) -> None:
         _check_body_and_head(backbone, head, body_batching, task_batching)
         # A new name: save_hyperparameters reads the arguments from this frame, and they must stay as given.
-        rule = SGD(inner_lr) if inner_optimizer is None else inner_optimizer
+        rule = resolve_inner_optimizer("ANIL", inner_optimizer, inner_lr)
         if getattr(rule, "persistent", False) and task_batching == "batched":
             raise ValueError(
                 "ANIL: a persistent inner optimizer carries its state from task to task, so tasks run one after "
@@ -91,7 +92,7 @@ class ANIL(GradientModule):
         super().__init__(backbone, head, rule, "head", inner_steps, inner_steps_eval, base_batching,
                          channels_last, adaptation_curve, optimizer, lr_scheduler)  # fmt: skip
         self.task_batching = task_batching
-        self.inner_lr, self.first_order, self.body_batching = inner_lr, first_order, body_batching
+        self.first_order, self.body_batching = first_order, body_batching
 
     @property
     def second_order(self) -> bool:

@@ -23,6 +23,7 @@ from ..backbones import to_channels_last
 from ..base import AdaptationCurve, EpisodeOutput, EpisodicModule
 from ..functional import InnerLoop, InnerOptimizer, Params, adaptation_curve_steps, forward_with, inner_loop
 from ..functional import select_params as select
+from ..inner_optimizers import current_lr
 from ..task_batched import TaskBatched, check_task_batchable, expand_tasks
 
 
@@ -165,6 +166,11 @@ class GradientModule(EpisodicModule):
                 return fn(*inputs)
 
         return run
+
+    @property
+    def inner_lr(self) -> float | None:
+        """The inner step size now, read from :attr:`inner_optimizer` (learned ones: their mean): never stale."""
+        return current_lr(self.inner_optimizer)
 
     def adapt_params(self) -> Params:
         """The parameters the inner loop starts from and adapts (chosen by ``adapt``)."""

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 from datamodules.episodes import EpisodeBatch
 
 from ..base import EpisodeOutput
-from ..functional import SGD, InnerOptimizer, MetaSGD, map_tasks
+from ..functional import map_tasks
+from ..inner_optimizers import InnerOptimizer, MetaSGD, resolve_inner_optimizer
 from .gradient import GradientModule
 
 
@@ -95,21 +96,11 @@ class MAML(GradientModule):
     ) -> None:
         if tasks_per_chunk is not None and tasks_per_chunk < 1:
             raise ValueError(f"tasks_per_chunk={tasks_per_chunk} must be 1 or more, or None for all tasks at once")
-        if learn_inner_lr not in (False, True, "tensor", "element"):
-            raise ValueError(f"learn_inner_lr={learn_inner_lr!r} must be False, True, 'tensor' or 'element'")
-        if inner_optimizer is not None and learn_inner_lr:
-            raise ValueError(
-                f"learn_inner_lr={learn_inner_lr!r} and inner_optimizer={inner_optimizer!r} both choose the inner "
-                "optimizer; give one (learn_inner_lr is inner_optimizer=MetaSGD(lr=inner_lr, per=...))"
-            )
         # A new name: save_hyperparameters reads the arguments from this frame, and they must stay as given.
-        rule = inner_optimizer
-        if rule is None:
-            per: Literal["tensor", "element"] = "element" if learn_inner_lr == "element" else "tensor"
-            rule = MetaSGD(inner_lr, per) if learn_inner_lr else SGD(inner_lr)
+        rule = resolve_inner_optimizer(type(self).__name__, inner_optimizer, inner_lr, learn=learn_inner_lr)
         super().__init__(backbone, head, rule, adapt, inner_steps, inner_steps_eval, task_batching,
                          channels_last, adaptation_curve, optimizer, lr_scheduler)  # fmt: skip
-        self.inner_lr, self.first_order, self.tasks_per_chunk = inner_lr, first_order, tasks_per_chunk
+        self.first_order, self.tasks_per_chunk = first_order, tasks_per_chunk
         # Checkpoints from before the pluggable inner optimizers kept Meta-SGD's step sizes as `inner_lrs.*`.
         self._register_load_state_dict_pre_hook(_rename_meta_sgd_keys)
 

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from ..backbones import TaskBatchNorm2d
 from ..functional import Params, adaptation_curve_steps, gradients
 from ..functional import select_params as select
-from ..inner_optimizers import LSLR, InnerOptimizer
+from ..inner_optimizers import InnerOptimizer, resolve_inner_optimizer
 from .gradient import BackboneHead
 from .maml import MAML
 
@@ -180,18 +180,14 @@ class MAMLPlusPlus(MAML):
                 f"MAMLPlusPlus: inner_steps={inner_steps} leaves nothing per step; set inner_steps >= 1 or "
                 "per_step_bn=False and learn_inner_lr_per_step=False"
             )
-        if learn_inner_lr_per_step and inner_optimizer is not None:
-            raise ValueError(
-                f"MAMLPlusPlus: learn_inner_lr_per_step=True and inner_optimizer={inner_optimizer!r} both choose the "
-                "inner optimizer; give one (learn_inner_lr_per_step is inner_optimizer=LSLR(inner_lr, inner_steps))"
-            )
         if per_step_bn and task_batching == "vmap":
             raise ValueError(
                 "MAMLPlusPlus: per_step_bn=True updates per-step running statistics in place, which vmap cannot; "
                 "set task_batching='loop' (or 'auto'), or per_step_bn=False"
             )
         # New names: save_hyperparameters reads the arguments from this frame, and they must stay as given.
-        rule = LSLR(inner_lr, inner_steps) if learn_inner_lr_per_step else inner_optimizer
+        rule = resolve_inner_optimizer("MAMLPlusPlus", inner_optimizer, inner_lr, learn=learn_inner_lr_per_step,
+                                       per_step=inner_steps, flag="learn_inner_lr_per_step")  # fmt: skip
         selection = adapt
         if per_step_bn:
             body = per_step_batch_norm(backbone, inner_steps)
