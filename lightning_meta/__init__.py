@@ -42,6 +42,7 @@ from .backbones import (
 from .base import AdaptationCurve, EpisodeOutput, EpisodicModule
 from .functional import SGD, Adam, InnerOptimizer, MetaSGD, Momentum, forward_with, inner_loop, map_tasks, select_params
 from .inference import load_checkpoint, predict_episode, predict_folders
+from .memory_format import ChannelsLast
 from .precision import default_precision
 
 #: Base classes: subclass them, do not train them directly.
@@ -63,6 +64,7 @@ __all__ = [
     "Aggregate",
     "Baseline",
     "BaselinePlusPlus",
+    "ChannelsLast",
     "Conv4",
     "EpisodeOutput",
     "EpisodicModule",

@@ -19,8 +19,9 @@ The pieces:
   not by a flag.
 - :func:`inner_loop` takes ``steps`` steps of an inner optimiser and can measure the adaptation
   curve along the way; it works inside ``vmap``.
-- :func:`map_tasks` runs a per-task function over a meta-batch, one task after another or under
-  ``vmap``, optionally taking each task's meta-gradient at once (learn2learn's per-task backward).
+- :func:`map_tasks` runs a per-task function over a meta-batch as a :class:`TaskRunner` says: one
+  task after another, under ``vmap`` or task-batched, optionally taking each task's meta-gradient at
+  once (learn2learn's per-task backward, with the AMP loss scale).
 - The inner optimisers (:class:`SGD`, :class:`MetaSGD`, :class:`LSLR`, :class:`Momentum`,
   :class:`Adam`) live in :mod:`lightning_meta.inner_optimizers` and are re-exported here.
 """
@@ -28,22 +29,26 @@ The pieces:
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, NamedTuple
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torch.utils import _pytree as pytree
 
 from .backbones import vmap_safe_batch_norm
 from .inner_optimizers import LSLR, SGD, Adam, AdamState, InnerOptimizer, MetaSGD, Momentum, Params
+from .task_batched import tasks_together
 
 __all__ = [
-    "LSLR", "SGD", "Adam", "AdamState", "InnerLoop", "InnerOptimizer", "MetaSGD", "Momentum", "Params",
-    "adaptation_curve_steps", "forward_with", "gradient_stand_in", "gradients", "in_function_transform",
-    "inner_loop", "map_tasks", "select_params",
+    "LSLR", "SGD", "Adam", "AdamState", "InnerLoop", "InnerOptimizer", "MetaSGD", "Momentum", "Params", "TaskRunner",
+    "adaptation_curve_steps", "fastest_task_batching", "forward_with", "gradient_stand_in", "gradients",
+    "in_function_transform", "inner_loop", "map_tasks", "select_params", "tasks_together",
 ]  # fmt: skip
 
 
@@ -149,11 +154,13 @@ class InnerLoop(NamedTuple):
         state: the inner optimiser's final state.
         curve: with ``curve_loss``, ``[len(adaptation_curve_steps(steps))]`` losses (no gradient)
             after those steps, the last after all of them; else None.
+        extra: with ``step_loss``, the sum of its (differentiable) terms; else None.
     """
 
     params: Params
     state: Any
     curve: Tensor | None
+    extra: Tensor | None = None
 
 
 def inner_loop(
@@ -166,6 +173,8 @@ def inner_loop(
     state: Any = None,
     step_data: Sequence[Any] | Tensor | None = None,
     curve_loss: Callable[[Params], Tensor] | None = None,
+    on_step: Callable[[int], None] | None = None,
+    step_loss: Callable[[Params, int], Tensor | None] | None = None,
 ) -> InnerLoop:
     """Adapt ``params`` with ``steps`` steps of ``optimizer`` on ``loss_fn``; works inside ``vmap``.
 
@@ -174,6 +183,9 @@ def inner_loop(
     ``create_graph`` through the inner gradients too). Detached ``params`` and a parameter-free
     optimiser (Reptile) give detached results and no graph is kept.
     Gradients are taken even under ``torch.no_grad`` (evaluation adapts).
+
+    Per-step rates come from the optimiser, which is given the step (:class:`LSLR`); the two hooks
+    let a method vary the rest by step (MAML++'s per-step batch norm and multi-step loss).
 
     Args:
         loss_fn: ``loss_fn(params)``, the task's support loss; with ``step_data``,
@@ -186,24 +198,44 @@ def inner_loop(
         step_data: per-step data for ``loss_fn`` (at least ``steps`` entries).
         curve_loss: if given, ``curve_loss(params)`` (e.g. the query loss) is measured without
             gradients at :func:`adaptation_curve_steps` ``(steps)`` and returned as ``curve``.
+        on_step: ``on_step(k)`` before every forward the loop makes, with ``k`` the 0-based step it
+            belongs to: step ``k``'s support loss, and the losses of parameters after ``u`` updates
+            (``curve_loss``, ``step_loss``) as ``k = max(u - 1, 0)``, the step that made them.
+            MAML++ picks each step's batch norm with it.
+        step_loss: ``step_loss(params, u)`` after update ``u`` (1-based): a differentiable term, or
+            None; the terms are summed into ``extra`` (MAML++'s multi-step loss).
     """
     # Whether anything outside wants gradients through the updates (MAML's initialisation, Meta-SGD's step sizes).
     track = torch.is_grad_enabled() and any(p.requires_grad for p in (*params.values(), *optimizer.parameters()))
     measured = set(adaptation_curve_steps(steps)) if curve_loss is not None else set()
+    hook = on_step if on_step is not None else _no_hook
     if state is None:
         state = optimizer.init_state(params)
     points: list[Tensor] = []
+    extra: Tensor | None = None
     for t in range(steps):
         if t in measured:
+            hook(max(t - 1, 0))
             points.append(_without_grad(curve_loss, params))
-        step_loss = loss_fn if step_data is None else partial(_with_data, loss_fn, step_data[t])
-        grads = gradients(step_loss, params, create_graph=create_graph and track)
+        hook(t)
+        support_loss = loss_fn if step_data is None else partial(_with_data, loss_fn, step_data[t])
+        grads = gradients(support_loss, params, create_graph=create_graph and track)
         with torch.set_grad_enabled(track):
             params, state = optimizer.step(params, grads, state, t + 1)
+        if step_loss is not None:
+            hook(t)
+            term = step_loss(params, t + 1)
+            if term is not None:
+                extra = term if extra is None else extra + term
     if curve_loss is not None:
+        hook(max(steps - 1, 0))
         points.append(_without_grad(curve_loss, params))
     # Along the last dimension: a [T]-shaped loss of tasks run together gives a [T, points] curve.
-    return InnerLoop(params, state, torch.stack(points, dim=-1) if points else None)
+    return InnerLoop(params, state, torch.stack(points, dim=-1) if points else None, extra)
+
+
+def _no_hook(step: int) -> None:
+    pass
 
 
 def _with_data(loss_fn: Callable[..., Tensor], data: Any, params: Params) -> Tensor:
@@ -217,10 +249,48 @@ def _without_grad(fn: Callable[[Params], Tensor] | None, params: Params) -> Tens
 
 
 # ---------------------------------------------------------------------- task batching
+@dataclass(frozen=True)
+class TaskRunner:
+    """How :func:`map_tasks` runs the tasks of a meta-batch: one object, given to it, not a flag on a module.
+
+    Args:
+        mode: ``"loop"`` (one task after another), ``"vmap"`` (all together under
+            ``torch.func.vmap``, with :func:`~lightning_meta.backbones.vmap_safe_batch_norm`) or
+            ``"batched"`` (the per-task function takes ``chunk`` tasks at once, with their task
+            dimension, and returns outputs with it; inside it :func:`tasks_together` says how many:
+            :mod:`lightning_meta.task_batched`). They give the same results; which is faster depends
+            on the model and device (:func:`fastest_task_batching`).
+        backward: loop and batched: parameters to take each task's (chunk's) meta-gradient for at
+            once (learn2learn's per-task backward), see :func:`map_tasks`.
+        loss_scale: multiply each task's loss by this before its backward (the AMP loss scale, so
+            that fp16 gradients do not underflow); it is divided out again.
+        chunk: batched only: tasks per call (default all).
+    """
+
+    mode: str = "loop"
+    backward: Sequence[Tensor] | None = None
+    loss_scale: float = 1.0
+    chunk: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("loop", "vmap", "batched"):
+            raise ValueError(f"mode={self.mode!r} must be 'loop', 'vmap' or 'batched'")
+
+    @classmethod
+    def for_trainer(
+        cls, trainer: Any, mode: str, backward: Sequence[Tensor] | None = None,
+        chunk: int | None = None,
+    ) -> TaskRunner:  # fmt: skip
+        """A runner whose per-task backward uses the loss scale of ``trainer``'s AMP (``precision="16-mixed"``)."""
+        scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None) if trainer is not None else None
+        scale = float(scaler.get_scale()) if backward and scaler is not None and scaler.is_enabled() else 1.0
+        return cls(mode, backward, scale, chunk)
+
+
 def map_tasks(
     fn: Callable[..., Any],
     inputs: Sequence[Tensor],
-    mode: str,
+    mode: TaskRunner | str,
     *,
     backward: Sequence[Tensor] | None = None,
     backward_scale: float = 1.0,
@@ -231,26 +301,24 @@ def map_tasks(
     ``fn(*task_inputs)`` gets ``inputs[i][t]`` for task ``t`` and returns a tensor or a pytree of
     tensors (tuples, dicts; None entries are kept as None).
 
+    With per-task backward (``runner.backward``), ``fn``'s first output must be the task's scalar
+    loss (the chunk's ``[k]`` losses); its gradient is summed over tasks and the graph freed, so
+    memory holds one task (chunk). The returned losses are detached plus a zero whose gradient is
+    the mean over tasks (:func:`gradient_stand_in`), so one backward of their mean applies it; the
+    other outputs are detached.
+
     Args:
         fn: the per-task function.
         inputs: tensors with a leading task dimension.
-        mode: ``"loop"`` (one task after another), ``"vmap"`` (all together under
-            ``torch.func.vmap``, with :func:`~lightning_meta.backbones.vmap_safe_batch_norm`) or
-            ``"batched"`` (``fn`` itself takes ``chunk`` tasks at once, with their task dimension,
-            and returns outputs with it: :mod:`lightning_meta.task_batched`). They give the same
-            results; which is faster depends on the model and device.
-        backward: loop and batched: parameters to take each task's (chunk's) meta-gradient for at
-            once. ``fn``'s first output must then be the task's scalar loss (the chunk's ``[k]``
-            losses); its gradient is summed over tasks and the graph freed, so memory holds one task
-            (chunk): learn2learn's per-task backward. The returned losses are detached plus a zero
-            whose gradient is the mean over tasks (:func:`gradient_stand_in`), so one backward of
-            their mean applies it; the other outputs are detached.
-        backward_scale: multiply each task's loss by this before its backward (the AMP loss scale,
-            so that fp16 gradients do not underflow); it is divided out again.
-        chunk: batched only: tasks per call of ``fn`` (default all).
+        mode: a :class:`TaskRunner`, or its ``mode`` alone (then ``backward``, ``backward_scale`` and
+            ``chunk`` are its other fields).
+        backward: with a mode name: :attr:`TaskRunner.backward`.
+        backward_scale: with a mode name: :attr:`TaskRunner.loss_scale`.
+        chunk: with a mode name: :attr:`TaskRunner.chunk`.
     """
+    runner = mode if isinstance(mode, TaskRunner) else TaskRunner(mode, backward, backward_scale, chunk)
     tasks = inputs[0].shape[0]
-    if mode == "vmap":
+    if runner.mode == "vmap":
         spec: list[tuple[pytree.TreeSpec, list[bool]]] = []
 
         def flat(*task_inputs: Tensor) -> list[Tensor]:
@@ -262,28 +330,60 @@ def map_tasks(
             found = iter(vmap(flat)(*inputs))
         tree, absent = spec[0]
         return pytree.tree_unflatten([None if none else next(found) for none in absent], tree)
-    if mode not in ("loop", "batched"):
-        raise ValueError(f"mode={mode!r} must be 'loop', 'vmap' or 'batched'")
-    params = list(backward) if backward else []
+    batched = runner.mode == "batched"
+    params = list(runner.backward) if runner.backward else []
     summed: list[Tensor | None] = [None] * len(params)
     outputs = []
-    step = (chunk or tasks) if mode == "batched" else 1
+    step = (runner.chunk or tasks) if batched else 1
     for t in range(0, tasks, step):
-        out = fn(*(x[t : t + step] if mode == "batched" else x[t] for x in inputs))
+        if batched:
+            with tasks_together(min(step, tasks - t)):
+                out = fn(*(x[t : t + step] for x in inputs))
+        else:
+            out = fn(*(x[t] for x in inputs))
         if params:
             loss, *rest = out
-            grads = torch.autograd.grad(loss.sum() * backward_scale, params, allow_unused=True)
+            grads = torch.autograd.grad(loss.sum() * runner.loss_scale, params, allow_unused=True)
             summed = [s if g is None else g if s is None else s.add_(g) for s, g in zip(summed, grads, strict=True)]
             out = (loss.detach(), *pytree.tree_map(_detach, rest))
         outputs.append(out)
     tree = pytree.tree_structure(outputs[0])
     columns = zip(*(pytree.tree_leaves(out) for out in outputs), strict=True)
-    join = torch.cat if mode == "batched" else torch.stack
+    join = torch.cat if batched else torch.stack
     stacked = pytree.tree_unflatten([None if c[0] is None else join(c) for c in columns], tree)
     if params:
         loss, *rest = stacked
-        stacked = (loss + gradient_stand_in(params, summed, backward_scale * tasks), *rest)
+        stacked = (loss + gradient_stand_in(params, summed, runner.loss_scale * tasks), *rest)
     return stacked
+
+
+def fastest_task_batching(
+    run: Callable[[str], Tensor], modes: Sequence[str], params: Sequence[Tensor]
+) -> dict[str, float]:
+    """Seconds per call of ``run(mode)`` (a meta-batch's loss, with its meta-gradient for ``params``) for each mode.
+
+    Each mode runs twice (the first warms up); the clock stops once the last result is read back,
+    which waits for the device whatever it is. A mode that fails (a layer vmap or task-batched
+    layers cannot run, running out of memory) is left out, except ``"loop"``, whose error is raised.
+    """
+    times: dict[str, float] = {}
+    for mode in modes:
+        try:
+            for _ in range(2):
+                start = time.perf_counter()
+                loss = run(mode)
+                last = loss
+                if params and torch.is_grad_enabled() and loss.requires_grad:
+                    found = [g for g in torch.autograd.grad(loss, list(params), allow_unused=True) if g is not None]
+                    last = found[-1] if found else loss
+                last.flatten()[:1].tolist()  # waits for the device: its work runs in order
+                times[mode] = time.perf_counter() - start
+        except (RuntimeError, torch.OutOfMemoryError) as err:  # TaskBatchingError is a RuntimeError
+            if mode == "loop":
+                raise
+            times.pop(mode, None)
+            rank_zero_info(f"task_batching={mode!r} unavailable ({err})")
+    return times
 
 
 def _detach(x: Tensor | None) -> Tensor | None:

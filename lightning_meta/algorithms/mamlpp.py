@@ -12,7 +12,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from ..backbones import TaskBatchNorm2d
-from ..functional import Params, adaptation_curve_steps, gradients
+from ..functional import Params
 from ..functional import select_params as select
 from ..inner_optimizers import InnerOptimizer, resolve_inner_optimizer
 from .gradient import BackboneHead
@@ -121,10 +121,9 @@ class MAMLPlusPlus(MAML):
     - cosine annealing of the outer learning rate (CA) is the configs' ``lr_scheduler``
       (``CosineAnnealingLR``, ``T_max`` the epochs, ``eta_min`` 1e-5 as in their code).
 
-    With every switch off it is MAML, to the bit. The inner loop takes the same steps as MAML's
-    (:func:`~lightning_meta.functional.gradients`, then the inner optimiser's ``step``), written
-    out here because MSL needs the differentiable query loss after each step and the per-step
-    norms need the step index before each forward.
+    With every switch off it is MAML, to the bit: the same inner loop
+    (:func:`~lightning_meta.functional.inner_loop`), whose per-step hooks give MSL the differentiable
+    query loss after each step and the per-step norms the step index before each forward.
 
     Args:
         backbone: the network, ending in one output per way unless ``head`` is given (batch norms are
@@ -139,7 +138,7 @@ class MAMLPlusPlus(MAML):
         learn_inner_lr_per_step: LSLR, see above.
         first_order_epochs: DA: epochs of first-order training before second order.
         task_batching: "auto", "loop" or "vmap" (not with ``per_step_bn``), as in :class:`MAML`.
-        channels_last: as in :class:`MAML`.
+        channels_last: deprecated, as in :class:`MAML`.
         adaptation_curve: as in :class:`MAML`.
         optimizer: outer optimizer factory (Adam, lr 1e-3).
         lr_scheduler: outer scheduler factory (the configs' cosine annealing).
@@ -164,7 +163,7 @@ class MAMLPlusPlus(MAML):
         learn_inner_lr_per_step: bool = True,
         first_order_epochs: int = 50,
         task_batching: Literal["auto", "loop", "vmap"] = "auto",
-        channels_last: bool = False,
+        channels_last: bool | None = None,
         adaptation_curve: bool = True,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -227,45 +226,28 @@ class MAMLPlusPlus(MAML):
     def task_loss(
         self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, curve: bool = False
     ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Adapt on one task's support set; return its (multi-step) query loss, query predictions and curve."""
+        """Adapt on one task's support set; return its (multi-step) query loss, query predictions and curve.
+
+        The shared inner loop with two per-step hooks: each step's forwards go through that step's
+        norms (after update k the query goes through step k's, as in their code), and MSL adds the
+        weighted query loss after every update but the last, which is weighted here.
+        """
         weights = self.step_loss_weights()
-        steps, optimizer = self.steps(), self.inner_optimizer
-        params = self.adapt_params()
-        state = optimizer.init_state(params)
-        # As in inner_loop: keep a graph only when something outside wants the meta-gradient.
-        track = torch.is_grad_enabled() and any(p.requires_grad for p in (*params.values(), *optimizer.parameters()))
-        measured = set(adaptation_curve_steps(steps)) if curve else set()
 
-        def query(p: Params, updates: int) -> Tensor:
-            # After update k (0-based) the query goes through step k's norms, as in their code.
-            self.set_norm_step(max(updates - 1, 0))
-            return self.forward_with(p, query_x)
+        def query_loss(params: Params) -> Tensor:
+            return self.outer_loss(self.forward_with(params, query_x), query_y)
 
-        def support_loss(p: Params) -> Tensor:
-            return self.inner_loss(self.forward_with(p, support_x), support_y)
+        def step_loss(params: Params, updates: int) -> Tensor | None:
+            return weights[updates - 1] * query_loss(params) if weights and updates < len(weights) else None
 
-        points: list[Tensor] = []
-        total: Tensor | None = None
-        for t in range(steps):
-            if t in measured:
-                with torch.no_grad():
-                    points.append(self.outer_loss(query(params, t), query_y).detach())
-            self.set_norm_step(t)
-            grads = gradients(support_loss, params, create_graph=self.second_order and track)
-            with torch.set_grad_enabled(track):
-                params, state = optimizer.step(params, grads, state, t + 1)
-            if weights is not None and t < steps - 1:
-                term = weights[t] * self.outer_loss(query(params, t + 1), query_y)
-                total = term if total is None else total + term
-        if self.training and optimizer.persistent:
-            optimizer.keep(state)
-        prediction = query(params, steps)
+        adapted = self.adapt(support_x, support_y, curve_loss=query_loss if curve else None,
+                             on_step=self.set_norm_step, step_loss=step_loss)  # fmt: skip
+        self.set_norm_step(max(self.steps() - 1, 0))
+        prediction = self.forward_with(adapted.params, query_x)
         loss = self.outer_loss(prediction, query_y)
-        if curve:
-            points.append(loss.detach())
-        if weights is not None:
-            loss = weights[-1] * loss if total is None else total + weights[-1] * loss
-        return loss, prediction, torch.stack(points) if curve else None
+        if weights:
+            loss = weights[-1] * loss if adapted.extra is None else adapted.extra + weights[-1] * loss
+        return loss, prediction, adapted.curve
 
 
 def _without_norms(network: nn.Module, adapt: str | list[str]) -> list[str]:

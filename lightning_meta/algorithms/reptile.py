@@ -57,10 +57,7 @@ class Reptile(GradientModule):
         outer_lr_anneal: decay epsilon linearly to 0 over the trainer's estimated steps.
         transductive: evaluate queries together (True) or one at a time (False).
         task_batching: "loop", "vmap" or "auto".
-        channels_last: channels-last memory format for the backbone's weights and the image batches (see
-            :attr:`EpisodicModule.channels_last`). Off by default here: channels-last kernels round
-            differently with the thread count and the inner loop amplifies it, so DDP and single-process
-            test accuracy differed; the speed gain was small (benchmarks/RESULTS.md).
+        channels_last: deprecated, see :class:`~lightning_meta.algorithms.gradient.GradientModule`.
         adaptation_curve: return the query loss along the fine-tuning during validation and test.
         head: an explicit head after the backbone's embedding (the network is backbone then head).
         adapt: the parameters that fine-tune (and move with the meta-update): "all", "head", or name
@@ -82,7 +79,7 @@ class Reptile(GradientModule):
         outer_lr_anneal: bool = True,
         transductive: bool = True,
         task_batching: Literal["auto", "loop", "vmap"] = "loop",
-        channels_last: bool = False,
+        channels_last: bool | None = None,
         adaptation_curve: bool = True,
         head: nn.Module | None = None,
         adapt: str | list[str] = "all",
