@@ -73,7 +73,7 @@ def make_step(method: str, args: argparse.Namespace, device: torch.device) -> Ca
         return step
     backbone = ResNet12(avg_pool=False)
     if method == "R2-D2":
-        model: torch.nn.Module = R2D2(backbone, channels_last=False)
+        model: torch.nn.Module = R2D2(backbone)
     else:
         dtype = "float32" if method.endswith("fp32") else "float64"
         model = MetaOptNet(backbone, solver_iters=15, solver_dtype=dtype, channels_last=False)

@@ -102,12 +102,13 @@ def run_one(
             optimizer.step()
 
     else:
-        from lightning_meta import MAML, Conv4
+        from lightning_meta import MAML, ChannelsLast, Conv4
 
         backbone = Conv4(s["channels"], s["hidden"], s["size"], s["ways"], s["pooling"], track_running_stats=False)
         mode = next(m for m in ("loop", "vmap", "batched", "auto") if m in variant.split())
-        model = MAML(backbone, s["lr"], s["steps"], s["steps"], first_order, task_batching=mode,
-                     channels_last="nhwc" in variant.split()).to(device)  # fmt: skip
+        model = MAML(backbone, s["lr"], s["steps"], s["steps"], first_order, task_batching=mode).to(device)
+        if "nhwc" in variant.split():
+            ChannelsLast.convert(model)  # what the Trainer's callback does
         model.train()
         optimizer = torch.optim.Adam(model.parameters(), 1e-3)
 

@@ -58,12 +58,14 @@ def reptile_step(variant: str):
             outer.step()
 
         return step
-    from lightning_meta import Conv4, Reptile
+    from lightning_meta import ChannelsLast, Conv4, Reptile
 
     backbone = Conv4(1, 64, 28, s["ways"], pooling="stride", track_running_stats=False)
     mode = "vmap" if "vmap" in variant else "loop"
     ours = Reptile(backbone, s["lr"], s["steps"], inner_batch_size=s["batch"], outer_lr_anneal=False,
-                   task_batching=mode, channels_last="nchw" not in variant)  # fmt: skip
+                   task_batching=mode)  # fmt: skip
+    if "nchw" not in variant:
+        ChannelsLast.convert(ours)  # what the Trainer's callback does
     ours.train()
     outer = torch.optim.SGD(ours.parameters(), lr=1.0)
     bf16 = "bf16" in variant

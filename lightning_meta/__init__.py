@@ -8,7 +8,7 @@ from .threads import apply_cli_policy
 
 apply_cli_policy()  # the lightning-meta command's OpenMP wait policy: must come before torch loads
 
-from . import functional
+from . import functional, inner_optimizers
 from .algorithms import (
     ANIL,
     LSLR,
@@ -40,6 +40,7 @@ from .backbones import (
 from .base import AdaptationCurve, EpisodeOutput, EpisodicModule
 from .functional import SGD, Adam, InnerOptimizer, MetaSGD, Momentum, forward_with, inner_loop, map_tasks, select_params
 from .inference import load_checkpoint, predict_episode, predict_folders
+from .memory_format import ChannelsLast
 from .precision import default_precision
 from .rl import MAMLRL, RL2  # meta-RL (not EpisodicModules)
 
@@ -62,6 +63,7 @@ __all__ = [
     "Aggregate",
     "Baseline",
     "BaselinePlusPlus",
+    "ChannelsLast",
     "Conv4",
     "EpisodeOutput",
     "EpisodicModule",
@@ -83,6 +85,7 @@ __all__ = [
     "default_precision",
     "forward_with",
     "functional",
+    "inner_optimizers",
     "inner_loop",
     "load_checkpoint",
     "map_tasks",

@@ -19,30 +19,37 @@ The pieces:
   not by a flag.
 - :func:`inner_loop` takes ``steps`` steps of an inner optimiser and can measure the adaptation
   curve along the way; it works inside ``vmap``.
-- :func:`map_tasks` runs a per-task function over a meta-batch, one task after another or under
-  ``vmap``, optionally taking each task's meta-gradient at once (learn2learn's per-task backward).
-- Inner optimisers (:class:`SGD`, :class:`MetaSGD`, :class:`Momentum`, :class:`Adam`) are
-  ``nn.Module`` classes with typed arguments, so YAML names them by ``class_path``, and learned
-  state (Meta-SGD's step sizes) registers with the LightningModule that holds them. Their ``step``
-  is out of place, so second-order MAML differentiates through it.
+- :func:`map_tasks` runs a per-task function over a meta-batch as a :class:`TaskRunner` says: one
+  task after another, under ``vmap`` or task-batched, optionally taking each task's meta-gradient at
+  once (learn2learn's per-task backward, with the AMP loss scale).
+- The inner optimisers (:class:`SGD`, :class:`MetaSGD`, :class:`LSLR`, :class:`Momentum`,
+  :class:`Adam`) live in :mod:`lightning_meta.inner_optimizers` and are re-exported here.
 """
 
 from __future__ import annotations
 
-import math
 import re
+import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torch.utils import _pytree as pytree
 
 from .backbones import vmap_safe_batch_norm
+from .inner_optimizers import LSLR, SGD, Adam, AdamState, InnerOptimizer, MetaSGD, Momentum, Params
+from .task_batched import tasks_together
 
-Params = dict[str, Tensor]
+__all__ = [
+    "LSLR", "SGD", "Adam", "AdamState", "InnerLoop", "InnerOptimizer", "MetaSGD", "Momentum", "Params", "TaskRunner",
+    "adaptation_curve_steps", "fastest_task_batching", "forward_with", "gradient_stand_in", "gradients",
+    "in_function_transform", "inner_loop", "map_tasks", "select_params", "tasks_together",
+]  # fmt: skip
 
 
 def adaptation_curve_steps(total: int) -> list[int]:
@@ -138,235 +145,6 @@ def gradient_stand_in(params: Sequence[Tensor], grads: Sequence[Tensor | None], 
     return total - total.detach()
 
 
-# ---------------------------------------------------------------------- inner optimisers
-class InnerOptimizer(nn.Module):
-    """Base of the inner-loop optimisers: a functional, differentiable update rule.
-
-    ``state = opt.init_state(params)``, then ``params, state = opt.step(params, grads, state, t)``
-    for ``t = 1, 2, ...``. Nothing is updated in place, so autograd (second-order MAML) and
-    ``vmap`` see through a step. Optimisers with learned or persistent state are given the names and
-    shapes of the parameters they will update once, by :meth:`bind` (the modules call it at
-    construction, so the state is saved in checkpoints and optimised by the outer optimiser).
-    """
-
-    #: Whether :meth:`keep` carries state from one task to the next (then tasks must run in order).
-    persistent: bool = False
-
-    def bind(self, named_params: Mapping[str, Tensor]) -> None:
-        """Prepare state for these parameters (names and shapes); a no-op for stateless optimisers."""
-
-    def init_state(self, params: Params) -> Any:
-        """The state before a task's first step."""
-        return None
-
-    def step(self, params: Params, grads: Params, state: Any, t: int) -> tuple[Params, Any]:
-        """One update: new parameters and state. ``t`` is the 1-based step within the task."""
-        raise NotImplementedError
-
-    def keep(self, state: Any) -> None:
-        """Remember a finished training task's state for the next :meth:`init_state` (persistent optimisers)."""
-
-
-def _check_lr(owner: str, lr: float) -> None:
-    if not (lr > 0 and math.isfinite(lr)):  # NaN fails the comparison, inf the second test
-        raise ValueError(
-            f"{owner}: lr={lr} must be a positive, finite step size; set MAML's or Reptile's inner_lr (or the "
-            "inner_optimizer's lr) to a value above 0, or inner_steps to 0 for no adaptation"
-        )
-
-
-def _key(name: str) -> str:
-    return name.replace(".", "/")  # module and buffer names may not contain dots
-
-
-class SGD(InnerOptimizer):
-    """Plain gradient descent, MAML's inner loop (Finn et al. 2017, eq. 1): ``p - lr * g``.
-
-    Args:
-        lr: the step size (alpha).
-    """
-
-    def __init__(self, lr: float = 0.4) -> None:
-        super().__init__()
-        _check_lr("SGD", lr)
-        self.lr = lr
-
-    def step(self, params: Params, grads: Params, state: Any, t: int) -> tuple[Params, Any]:
-        return {name: p - self.lr * grads[name] for name, p in params.items()}, state
-
-    def extra_repr(self) -> str:
-        return f"lr={self.lr}"
-
-
-class MetaSGD(InnerOptimizer):
-    """Meta-SGD (Li et al. 2017): gradient descent with step sizes learned by the outer loop.
-
-    ``p - lr_p * g``, with one step size per parameter tensor (``per="tensor"``) or per element
-    (``per="element"``, the paper's choice), all initialised to ``lr``. The step sizes are
-    ``nn.Parameter``s created by :meth:`bind`.
-
-    Args:
-        lr: initial step size.
-        per: ``"tensor"`` or ``"element"``.
-    """
-
-    def __init__(self, lr: float = 0.4, per: Literal["tensor", "element"] = "tensor") -> None:
-        super().__init__()
-        if per not in ("tensor", "element"):
-            raise ValueError(f"per={per!r} must be 'tensor' or 'element'")
-        _check_lr("MetaSGD", lr)
-        self.lr, self.per = lr, per
-        self.lrs = nn.ParameterDict()
-
-    def bind(self, named_params: Mapping[str, Tensor]) -> None:
-        for name, p in named_params.items():
-            if _key(name) not in self.lrs:
-                shape = p.shape if self.per == "element" else ()
-                self.lrs[_key(name)] = nn.Parameter(torch.full(shape, float(self.lr), dtype=p.dtype, device=p.device))
-
-    def step(self, params: Params, grads: Params, state: Any, t: int) -> tuple[Params, Any]:
-        missing = [name for name in params if _key(name) not in self.lrs]
-        if missing:
-            raise RuntimeError(f"MetaSGD has no step size for {missing}; call bind(named_params) with them first")
-        return {name: p - self.lrs[_key(name)] * grads[name] for name, p in params.items()}, state
-
-    def extra_repr(self) -> str:
-        return f"lr={self.lr}, per={self.per!r}"
-
-
-class Momentum(InnerOptimizer):
-    """Gradient descent with (heavy-ball) momentum, in PyTorch's form: ``v = momentum * v + g; p - lr * v``.
-
-    Args:
-        lr: step size.
-        momentum: decay of the velocity.
-    """
-
-    def __init__(self, lr: float = 0.1, momentum: float = 0.9) -> None:
-        super().__init__()
-        _check_lr("Momentum", lr)
-        self.lr, self.momentum = lr, momentum
-
-    def init_state(self, params: Params) -> Params:
-        return {name: torch.zeros_like(p) for name, p in params.items()}
-
-    def step(self, params: Params, grads: Params, state: Params, t: int) -> tuple[Params, Params]:
-        velocity = {name: self.momentum * state[name] + grads[name] for name in params}
-        return {name: p - self.lr * velocity[name] for name, p in params.items()}, velocity
-
-    def extra_repr(self) -> str:
-        return f"lr={self.lr}, momentum={self.momentum}"
-
-
-class AdamState(NamedTuple):
-    """Adam's moments and the number of steps they have seen (for the bias correction)."""
-
-    exp_avg: Params
-    exp_avg_sq: Params
-    step_count: int
-
-
-class Adam(InnerOptimizer):
-    """Adam (Kingma and Ba 2015) as Reptile's inner optimiser, with beta1 = 0 by default (Nichol et al. 2018, sec. 6).
-
-    With ``persistent=True`` the moments and step count carry over from one training task to the
-    next and across meta-iterations, as in the Reptile paper's code (which resets only the model's
-    variables between tasks); tasks then run one after another. Evaluation tasks start from the
-    training state and leave it unchanged (the paper's code restores it after each). The state is
-    saved in checkpoints. With ``persistent=False`` every task starts from zero moments.
-
-    Args:
-        lr: step size.
-        betas: decay rates of the first and second moments.
-        eps: added to the denominator.
-        persistent: keep the state across tasks, see above.
-    """
-
-    def __init__(
-        self, lr: float = 0.001, betas: tuple[float, float] = (0.0, 0.999), eps: float = 1e-8, persistent: bool = False
-    ) -> None:
-        super().__init__()
-        _check_lr("Adam", lr)
-        self.lr, self.betas, self.eps, self.persistent = lr, (float(betas[0]), float(betas[1])), eps, persistent
-        self.exp_avg, self.exp_avg_sq = _TensorStore(), _TensorStore()
-        self.count = 0
-
-    def bind(self, named_params: Mapping[str, Tensor]) -> None:
-        if self.persistent:
-            for store in (self.exp_avg, self.exp_avg_sq):
-                store.add(named_params)
-
-    def init_state(self, params: Params) -> AdamState:
-        if self.persistent and all(self.exp_avg.has(name) for name in params):
-            # Clones: keep() writes the buffers in place while a task's graph may still hold them.
-            m, v = ({name: store.get(name).clone() for name in params} for store in (self.exp_avg, self.exp_avg_sq))
-            return AdamState(m, v, self.count)
-        zeros = {name: torch.zeros_like(p) for name, p in params.items()}
-        return AdamState(zeros, dict(zeros), 0)
-
-    def step(self, params: Params, grads: Params, state: AdamState, t: int) -> tuple[Params, AdamState]:
-        beta1, beta2 = self.betas
-        count = state.step_count + 1
-        new_params, exp_avg, exp_avg_sq = {}, {}, {}
-        for name, p in params.items():
-            g = grads[name]
-            m = beta1 * state.exp_avg[name] + (1 - beta1) * g if beta1 else g
-            v = beta2 * state.exp_avg_sq[name] + (1 - beta2) * g * g
-            m_hat = m / (1 - beta1**count) if beta1 else m
-            new_params[name] = p - self.lr * m_hat / (_sqrt(v / (1 - beta2**count)) + self.eps)
-            exp_avg[name], exp_avg_sq[name] = m, v
-        return new_params, AdamState(exp_avg, exp_avg_sq, count)
-
-    def keep(self, state: AdamState) -> None:
-        if not self.persistent:
-            return
-        with torch.no_grad():
-            self.exp_avg.put(state.exp_avg)
-            self.exp_avg_sq.put(state.exp_avg_sq)
-        self.count = state.step_count
-
-    def get_extra_state(self) -> dict[str, int]:
-        return {"count": self.count}
-
-    def set_extra_state(self, state: dict[str, int]) -> None:
-        self.count = int(state.get("count", 0))
-
-    def extra_repr(self) -> str:
-        return f"lr={self.lr}, betas={self.betas}, eps={self.eps}, persistent={self.persistent}"
-
-
-def _sqrt(x: Tensor) -> Tensor:
-    """``x.sqrt()``; differentiated, its gradient at 0 is 0 rather than inf (which made second-order Adam NaN)."""
-    if not torch.is_grad_enabled():
-        return x.sqrt()
-    positive = x > 0
-    return torch.where(positive, torch.where(positive, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x))
-
-
-class _TensorStore(nn.Module):
-    """Buffers keyed by parameter name: persistent optimiser state that moves with the module and is checkpointed."""
-
-    def add(self, named: Mapping[str, Tensor]) -> None:
-        for name, p in named.items():
-            if not self.has(name):
-                self.register_buffer(_key(name), torch.zeros_like(p, memory_format=torch.contiguous_format).detach())
-
-    def has(self, name: str) -> bool:
-        return _key(name) in self._buffers
-
-    def get(self, name: str) -> Tensor:
-        found = self._buffers[_key(name)]
-        assert found is not None
-        return found
-
-    def put(self, values: Mapping[str, Tensor]) -> None:
-        for name, value in values.items():
-            if self.has(name):
-                self.get(name).copy_(value.detach())
-            else:
-                self.register_buffer(_key(name), value.detach().clone())
-
-
 # ---------------------------------------------------------------------- the inner loop
 class InnerLoop(NamedTuple):
     """What :func:`inner_loop` returns.
@@ -376,11 +154,13 @@ class InnerLoop(NamedTuple):
         state: the inner optimiser's final state.
         curve: with ``curve_loss``, ``[len(adaptation_curve_steps(steps))]`` losses (no gradient)
             after those steps, the last after all of them; else None.
+        extra: with ``step_loss``, the sum of its (differentiable) terms; else None.
     """
 
     params: Params
     state: Any
     curve: Tensor | None
+    extra: Tensor | None = None
 
 
 def inner_loop(
@@ -393,6 +173,8 @@ def inner_loop(
     state: Any = None,
     step_data: Sequence[Any] | Tensor | None = None,
     curve_loss: Callable[[Params], Tensor] | None = None,
+    on_step: Callable[[int], None] | None = None,
+    step_loss: Callable[[Params, int], Tensor | None] | None = None,
 ) -> InnerLoop:
     """Adapt ``params`` with ``steps`` steps of ``optimizer`` on ``loss_fn``; works inside ``vmap``.
 
@@ -401,6 +183,9 @@ def inner_loop(
     ``create_graph`` through the inner gradients too). Detached ``params`` and a parameter-free
     optimiser (Reptile) give detached results and no graph is kept.
     Gradients are taken even under ``torch.no_grad`` (evaluation adapts).
+
+    Per-step rates come from the optimiser, which is given the step (:class:`LSLR`); the two hooks
+    let a method vary the rest by step (MAML++'s per-step batch norm and multi-step loss).
 
     Args:
         loss_fn: ``loss_fn(params)``, the task's support loss; with ``step_data``,
@@ -413,24 +198,44 @@ def inner_loop(
         step_data: per-step data for ``loss_fn`` (at least ``steps`` entries).
         curve_loss: if given, ``curve_loss(params)`` (e.g. the query loss) is measured without
             gradients at :func:`adaptation_curve_steps` ``(steps)`` and returned as ``curve``.
+        on_step: ``on_step(k)`` before every forward the loop makes, with ``k`` the 0-based step it
+            belongs to: step ``k``'s support loss, and the losses of parameters after ``u`` updates
+            (``curve_loss``, ``step_loss``) as ``k = max(u - 1, 0)``, the step that made them.
+            MAML++ picks each step's batch norm with it.
+        step_loss: ``step_loss(params, u)`` after update ``u`` (1-based): a differentiable term, or
+            None; the terms are summed into ``extra`` (MAML++'s multi-step loss).
     """
     # Whether anything outside wants gradients through the updates (MAML's initialisation, Meta-SGD's step sizes).
     track = torch.is_grad_enabled() and any(p.requires_grad for p in (*params.values(), *optimizer.parameters()))
     measured = set(adaptation_curve_steps(steps)) if curve_loss is not None else set()
+    hook = on_step if on_step is not None else _no_hook
     if state is None:
         state = optimizer.init_state(params)
     points: list[Tensor] = []
+    extra: Tensor | None = None
     for t in range(steps):
         if t in measured:
+            hook(max(t - 1, 0))
             points.append(_without_grad(curve_loss, params))
-        step_loss = loss_fn if step_data is None else partial(_with_data, loss_fn, step_data[t])
-        grads = gradients(step_loss, params, create_graph=create_graph and track)
+        hook(t)
+        support_loss = loss_fn if step_data is None else partial(_with_data, loss_fn, step_data[t])
+        grads = gradients(support_loss, params, create_graph=create_graph and track)
         with torch.set_grad_enabled(track):
             params, state = optimizer.step(params, grads, state, t + 1)
+        if step_loss is not None:
+            hook(t)
+            term = step_loss(params, t + 1)
+            if term is not None:
+                extra = term if extra is None else extra + term
     if curve_loss is not None:
+        hook(max(steps - 1, 0))
         points.append(_without_grad(curve_loss, params))
     # Along the last dimension: a [T]-shaped loss of tasks run together gives a [T, points] curve.
-    return InnerLoop(params, state, torch.stack(points, dim=-1) if points else None)
+    return InnerLoop(params, state, torch.stack(points, dim=-1) if points else None, extra)
+
+
+def _no_hook(step: int) -> None:
+    pass
 
 
 def _with_data(loss_fn: Callable[..., Tensor], data: Any, params: Params) -> Tensor:
@@ -444,10 +249,48 @@ def _without_grad(fn: Callable[[Params], Tensor] | None, params: Params) -> Tens
 
 
 # ---------------------------------------------------------------------- task batching
+@dataclass(frozen=True)
+class TaskRunner:
+    """How :func:`map_tasks` runs the tasks of a meta-batch: one object, given to it, not a flag on a module.
+
+    Args:
+        mode: ``"loop"`` (one task after another), ``"vmap"`` (all together under
+            ``torch.func.vmap``, with :func:`~lightning_meta.backbones.vmap_safe_batch_norm`) or
+            ``"batched"`` (the per-task function takes ``chunk`` tasks at once, with their task
+            dimension, and returns outputs with it; inside it :func:`tasks_together` says how many:
+            :mod:`lightning_meta.task_batched`). They give the same results; which is faster depends
+            on the model and device (:func:`fastest_task_batching`).
+        backward: loop and batched: parameters to take each task's (chunk's) meta-gradient for at
+            once (learn2learn's per-task backward), see :func:`map_tasks`.
+        loss_scale: multiply each task's loss by this before its backward (the AMP loss scale, so
+            that fp16 gradients do not underflow); it is divided out again.
+        chunk: batched only: tasks per call (default all).
+    """
+
+    mode: str = "loop"
+    backward: Sequence[Tensor] | None = None
+    loss_scale: float = 1.0
+    chunk: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("loop", "vmap", "batched"):
+            raise ValueError(f"mode={self.mode!r} must be 'loop', 'vmap' or 'batched'")
+
+    @classmethod
+    def for_trainer(
+        cls, trainer: Any, mode: str, backward: Sequence[Tensor] | None = None,
+        chunk: int | None = None,
+    ) -> TaskRunner:  # fmt: skip
+        """A runner whose per-task backward uses the loss scale of ``trainer``'s AMP (``precision="16-mixed"``)."""
+        scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None) if trainer is not None else None
+        scale = float(scaler.get_scale()) if backward and scaler is not None and scaler.is_enabled() else 1.0
+        return cls(mode, backward, scale, chunk)
+
+
 def map_tasks(
     fn: Callable[..., Any],
     inputs: Sequence[Tensor],
-    mode: str,
+    mode: TaskRunner | str,
     *,
     backward: Sequence[Tensor] | None = None,
     backward_scale: float = 1.0,
@@ -458,26 +301,24 @@ def map_tasks(
     ``fn(*task_inputs)`` gets ``inputs[i][t]`` for task ``t`` and returns a tensor or a pytree of
     tensors (tuples, dicts; None entries are kept as None).
 
+    With per-task backward (``runner.backward``), ``fn``'s first output must be the task's scalar
+    loss (the chunk's ``[k]`` losses); its gradient is summed over tasks and the graph freed, so
+    memory holds one task (chunk). The returned losses are detached plus a zero whose gradient is
+    the mean over tasks (:func:`gradient_stand_in`), so one backward of their mean applies it; the
+    other outputs are detached.
+
     Args:
         fn: the per-task function.
         inputs: tensors with a leading task dimension.
-        mode: ``"loop"`` (one task after another), ``"vmap"`` (all together under
-            ``torch.func.vmap``, with :func:`~lightning_meta.backbones.vmap_safe_batch_norm`) or
-            ``"batched"`` (``fn`` itself takes ``chunk`` tasks at once, with their task dimension,
-            and returns outputs with it: :mod:`lightning_meta.task_batched`). They give the same
-            results; which is faster depends on the model and device.
-        backward: loop and batched: parameters to take each task's (chunk's) meta-gradient for at
-            once. ``fn``'s first output must then be the task's scalar loss (the chunk's ``[k]``
-            losses); its gradient is summed over tasks and the graph freed, so memory holds one task
-            (chunk): learn2learn's per-task backward. The returned losses are detached plus a zero
-            whose gradient is the mean over tasks (:func:`gradient_stand_in`), so one backward of
-            their mean applies it; the other outputs are detached.
-        backward_scale: multiply each task's loss by this before its backward (the AMP loss scale,
-            so that fp16 gradients do not underflow); it is divided out again.
-        chunk: batched only: tasks per call of ``fn`` (default all).
+        mode: a :class:`TaskRunner`, or its ``mode`` alone (then ``backward``, ``backward_scale`` and
+            ``chunk`` are its other fields).
+        backward: with a mode name: :attr:`TaskRunner.backward`.
+        backward_scale: with a mode name: :attr:`TaskRunner.loss_scale`.
+        chunk: with a mode name: :attr:`TaskRunner.chunk`.
     """
+    runner = mode if isinstance(mode, TaskRunner) else TaskRunner(mode, backward, backward_scale, chunk)
     tasks = inputs[0].shape[0]
-    if mode == "vmap":
+    if runner.mode == "vmap":
         spec: list[tuple[pytree.TreeSpec, list[bool]]] = []
 
         def flat(*task_inputs: Tensor) -> list[Tensor]:
@@ -489,28 +330,60 @@ def map_tasks(
             found = iter(vmap(flat)(*inputs))
         tree, absent = spec[0]
         return pytree.tree_unflatten([None if none else next(found) for none in absent], tree)
-    if mode not in ("loop", "batched"):
-        raise ValueError(f"mode={mode!r} must be 'loop', 'vmap' or 'batched'")
-    params = list(backward) if backward else []
+    batched = runner.mode == "batched"
+    params = list(runner.backward) if runner.backward else []
     summed: list[Tensor | None] = [None] * len(params)
     outputs = []
-    step = (chunk or tasks) if mode == "batched" else 1
+    step = (runner.chunk or tasks) if batched else 1
     for t in range(0, tasks, step):
-        out = fn(*(x[t : t + step] if mode == "batched" else x[t] for x in inputs))
+        if batched:
+            with tasks_together(min(step, tasks - t)):
+                out = fn(*(x[t : t + step] for x in inputs))
+        else:
+            out = fn(*(x[t] for x in inputs))
         if params:
             loss, *rest = out
-            grads = torch.autograd.grad(loss.sum() * backward_scale, params, allow_unused=True)
+            grads = torch.autograd.grad(loss.sum() * runner.loss_scale, params, allow_unused=True)
             summed = [s if g is None else g if s is None else s.add_(g) for s, g in zip(summed, grads, strict=True)]
             out = (loss.detach(), *pytree.tree_map(_detach, rest))
         outputs.append(out)
     tree = pytree.tree_structure(outputs[0])
     columns = zip(*(pytree.tree_leaves(out) for out in outputs), strict=True)
-    join = torch.cat if mode == "batched" else torch.stack
+    join = torch.cat if batched else torch.stack
     stacked = pytree.tree_unflatten([None if c[0] is None else join(c) for c in columns], tree)
     if params:
         loss, *rest = stacked
-        stacked = (loss + gradient_stand_in(params, summed, backward_scale * tasks), *rest)
+        stacked = (loss + gradient_stand_in(params, summed, runner.loss_scale * tasks), *rest)
     return stacked
+
+
+def fastest_task_batching(
+    run: Callable[[str], Tensor], modes: Sequence[str], params: Sequence[Tensor]
+) -> dict[str, float]:
+    """Seconds per call of ``run(mode)`` (a meta-batch's loss, with its meta-gradient for ``params``) for each mode.
+
+    Each mode runs twice (the first warms up); the clock stops once the last result is read back,
+    which waits for the device whatever it is. A mode that fails (a layer vmap or task-batched
+    layers cannot run, running out of memory) is left out, except ``"loop"``, whose error is raised.
+    """
+    times: dict[str, float] = {}
+    for mode in modes:
+        try:
+            for _ in range(2):
+                start = time.perf_counter()
+                loss = run(mode)
+                last = loss
+                if params and torch.is_grad_enabled() and loss.requires_grad:
+                    found = [g for g in torch.autograd.grad(loss, list(params), allow_unused=True) if g is not None]
+                    last = found[-1] if found else loss
+                last.flatten()[:1].tolist()  # waits for the device: its work runs in order
+                times[mode] = time.perf_counter() - start
+        except (RuntimeError, torch.OutOfMemoryError) as err:  # TaskBatchingError is a RuntimeError
+            if mode == "loop":
+                raise
+            times.pop(mode, None)
+            rank_zero_info(f"task_batching={mode!r} unavailable ({err})")
+    return times
 
 
 def _detach(x: Tensor | None) -> Tensor | None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from torch import Tensor
 
 
 class PrecisionChoice(NamedTuple):
@@ -85,3 +86,12 @@ def default_precision(accelerator: object = "auto") -> PrecisionChoice:
     if units is not None:
         return PrecisionChoice("bf16-mixed", f"CPU with {units} bf16 instructions")
     return PrecisionChoice("32-true", "CPU without AMX or AVX-512 BF16, where bf16 is slower than fp32")
+
+
+def solver_precision(x: Tensor) -> torch.autocast:
+    """Autocast off on ``x``'s device: the region where a closed-form or iterative solver runs in float32 (or float64).
+
+    Numerics, not device code: linear solves are not autocast-safe, and bf16 Gram matrices or head
+    fits would feed the solver rounding noise. R2-D2's ridge head and the baselines' episode heads use it.
+    """
+    return torch.autocast(x.device.type, enabled=False)

@@ -378,3 +378,22 @@ def solve_qp(
         return solve
 
     return QPSolution(*_mehrotra(z, s, lam, nu, residuals, factor, iterations, tol, _scale(Q)))
+
+
+def ridge_regression(x: Tensor, y: Tensor, lam: Tensor | float, woodbury: bool | None = None) -> Tensor:
+    """The ridge solution ``argmin_W ||X W - Y||^2 + lam ||W||^2``, ``[B, D, M]``, of ``X [B, n, D]``, ``Y [B, n, M]``.
+
+    With ``woodbury`` (by default when ``n <= D``, the few-shot case) it is
+    ``X^T (X X^T + lam I)^{-1} Y``, an ``n x n`` solve per task (Bertinetto et al. 2019, eq. 5),
+    else ``(X^T X + lam I)^{-1} X^T Y``, a ``D x D`` one; the two are equal. Differentiable in
+    ``X``, ``Y`` and ``lam``, batched over the leading dimension.
+    """
+    n, d = x.shape[-2:]
+    xt = x.transpose(-1, -2)
+    if woodbury is None:
+        woodbury = n <= d
+    if woodbury:
+        gram = x @ xt + lam * torch.eye(n, dtype=x.dtype, device=x.device)
+        return xt @ torch.linalg.solve(gram, y)
+    gram = xt @ x + lam * torch.eye(d, dtype=x.dtype, device=x.device)
+    return torch.linalg.solve(gram, xt @ y)

@@ -21,7 +21,8 @@ network is made of layers this mode understands.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
@@ -30,6 +31,28 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from .backbones.batchnorm import TaskBatchNorm2d
+
+_TOGETHER: list[int] = []
+
+
+@contextmanager
+def tasks_together(tasks: int) -> Iterator[None]:
+    """Within it, a per-task function is given ``tasks`` tasks at once (:func:`~lightning_meta.functional.map_tasks`).
+
+    :func:`together` reads how many, as ``in_function_transform`` reads whether ``vmap`` runs: the
+    caller of the function decides (its :class:`~lightning_meta.functional.TaskRunner`), not a flag on a module.
+    """
+    _TOGETHER.append(tasks)
+    try:
+        yield
+    finally:
+        _TOGETHER.pop()
+
+
+def together() -> int | None:
+    """The number of tasks the current per-task function is given at once, or None for one task."""
+    return _TOGETHER[-1] if _TOGETHER else None
+
 
 #: Layers whose parameters may carry a task dimension under :class:`TaskBatched`.
 BATCHABLE = (nn.Conv2d, nn.Linear, TaskBatchNorm2d)

@@ -289,3 +289,34 @@ def test_select_params_all_head_groups_and_regular_expressions():
     assert "features.0.weight" not in select_params(net)
     with pytest.raises(ValueError, match=r"adapt='classifier' selects none .* groups are \['features', 'head'\]"):
         select_params(net, "classifier")
+
+
+def test_inner_loop_hooks_see_each_step_and_sum_the_step_losses():
+    seen = []
+    result = inner_loop(quadratic, start(), SGD(0.5), steps=3, on_step=seen.append,
+                        step_loss=lambda p, u: u * quadratic(p) if u < 3 else None,
+                        curve_loss=quadratic)  # fmt: skip
+    # curve at 0 (step 0's), support of step 0, step loss after update 1 (step 0's), ...; the final curve point last.
+    assert seen == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
+    a = start()["p"]  # after u updates of SGD(0.5), p is (1 - 0.5 A)^u a
+    after = [0.5 * (A * ((1 - 0.5 * A) ** u * a) ** 2).sum() for u in (1, 2)]
+    torch.testing.assert_close(result.extra, 1 * after[0] + 2 * after[1])
+
+
+def test_task_runner_batched_gives_the_function_its_chunk():
+    from lightning_meta.functional import TaskRunner
+    from lightning_meta.task_batched import together
+
+    sizes = []
+
+    def fn(x):
+        sizes.append(together())
+        return x * 2
+
+    x = torch.arange(5.0).view(5, 1)
+    torch.testing.assert_close(map_tasks(fn, [x], TaskRunner("batched", chunk=2)), x * 2)
+    assert sizes == [2, 2, 1] and together() is None
+    map_tasks(fn, [x], "loop")
+    assert sizes[3:] == [None] * 5
+    with pytest.raises(ValueError, match="'loop', 'vmap' or 'batched'"):
+        TaskRunner("serial")

@@ -144,9 +144,9 @@ def make_model(algorithm: str, batching: str, curve: bool = True) -> pl.Lightnin
     torch.manual_seed(0)
     if algorithm == "maml":
         return MAML(nn.Linear(1, 1), inner_lr=0.3, inner_steps_eval=12, task_batching=batching,  # type: ignore[arg-type]
-                    channels_last=False, adaptation_curve=curve)  # fmt: skip
+                    adaptation_curve=curve)  # fmt: skip
     return Reptile(nn.Linear(1, 1), inner_lr=0.3, inner_steps_eval=12, inner_optimizer="sgd",
-                   task_batching=batching, channels_last=False, adaptation_curve=curve)  # type: ignore[arg-type]  # fmt: skip
+                   task_batching=batching, adaptation_curve=curve)  # type: ignore[arg-type]  # fmt: skip
 
 
 @pytest.mark.parametrize("batching", ["loop", "vmap"])

@@ -1,10 +1,11 @@
 """The meta-learning algorithms, one file each, every one an :class:`~lightning_meta.base.EpisodicModule`."""
 
+from ..inner_optimizers import LSLR
 from .aggregate import Aggregate
 from .anil import ANIL
 from .baseline import RFS, Baseline, BaselinePlusPlus
 from .maml import MAML
-from .mamlpp import LSLR, MAMLPlusPlus
+from .mamlpp import MAMLPlusPlus
 from .matchingnet import MatchingNet
 from .metanetwork import MetaNetwork
 from .metaoptnet import MetaOptNet

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 from datamodules.episodes import EpisodeBatch
 
 from ..base import EpisodeOutput, at_least_float32, embed_episode
-from ..functional import SGD, InnerOptimizer, Params, forward_with, inner_loop, map_tasks
+from ..functional import Params, forward_with, map_tasks
+from ..inner_optimizers import InnerOptimizer, resolve_inner_optimizer
 from .gradient import GradientModule
 
 BODY_BATCHINGS = ("sets", "task", "flat")
@@ -51,7 +52,7 @@ class ANIL(GradientModule):
         body_batching: ``"sets"``, ``"task"`` or ``"flat"``, see above.
         task_batching: how the heads of a meta-batch adapt: ``"batched"`` (one batched matrix product
             for all tasks; an ``nn.Linear`` head), ``"loop"`` or ``"vmap"`` (any head, per task).
-        channels_last: channels-last memory format for the body and the image batches.
+        channels_last: deprecated, see :class:`~lightning_meta.algorithms.gradient.GradientModule`.
         adaptation_curve: return the query loss along the inner loop during validation and test.
         optimizer: outer optimizer factory (Adam, lr 1e-3 by default).
         lr_scheduler: optional outer scheduler factory.
@@ -71,7 +72,7 @@ class ANIL(GradientModule):
         first_order: bool = False,
         body_batching: Literal["sets", "task", "flat"] = "sets",
         task_batching: Literal["batched", "loop", "vmap"] = "batched",
-        channels_last: bool = False,
+        channels_last: bool | None = None,
         adaptation_curve: bool = True,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -79,23 +80,17 @@ class ANIL(GradientModule):
     ) -> None:
         _check_body_and_head(backbone, head, body_batching, task_batching)
         # A new name: save_hyperparameters reads the arguments from this frame, and they must stay as given.
-        rule = SGD(inner_lr) if inner_optimizer is None else inner_optimizer
-        if getattr(rule, "persistent", False) and task_batching == "batched":
-            raise ValueError(
-                "ANIL: a persistent inner optimizer carries its state from task to task, so tasks run one after "
-                "another; set task_batching='loop', or the optimizer's persistent=False"
-            )
-        # Only the head runs task-batched here (its own path below), so the base class's checks of the
-        # whole network for its task-batched mode do not apply.
-        base_batching = "loop" if task_batching == "batched" else task_batching
-        super().__init__(backbone, head, rule, "head", inner_steps, inner_steps_eval, base_batching,
+        rule = resolve_inner_optimizer("ANIL", inner_optimizer, inner_lr)
+        super().__init__(backbone, head, rule, "head", inner_steps, inner_steps_eval, task_batching,
                          channels_last, adaptation_curve, optimizer, lr_scheduler)  # fmt: skip
-        self.task_batching = task_batching
-        self.inner_lr, self.first_order, self.body_batching = inner_lr, first_order, body_batching
+        self.first_order, self.body_batching = first_order, body_batching
 
     @property
     def second_order(self) -> bool:
         return self.training and not self.first_order and torch.is_grad_enabled()
+
+    def check_batchable(self) -> None:
+        """Only the head runs tasks together (its ``nn.Linear`` is checked at construction), never the body."""
 
     def forward_with(self, params: Params, x: Tensor) -> Tensor:
         """The head with ``params`` (``head.weight``, ...) on features ``x``: ANIL's inner loop never runs the body.
@@ -114,7 +109,7 @@ class ANIL(GradientModule):
     def embed(self, batch: EpisodeBatch) -> tuple[Tensor, Tensor]:
         """Support and query features, ``[B, N*K, D]`` and ``[B, N*Q, D]``, at least float32 (see ``body_batching``)."""
         if self.body_batching == "flat":
-            return embed_episode(self.backbone, batch, self.channels_last)
+            return embed_episode(self.backbone, batch, False)
         if self.body_batching == "task":
             z = self._per_task(torch.cat([batch.support_x, batch.query_x], dim=1))
             shots_total = batch.support_x.shape[1]
@@ -129,47 +124,10 @@ class ANIL(GradientModule):
     # ------------------------------------------------------------------ the head's inner loop
     def run_tasks(self, batch: EpisodeBatch, mode: str, curve: bool) -> EpisodeOutput:
         support, query = self.embed(batch)
-        if mode == "batched":
-            loss, predictions, curves = self._batched(support, batch.support_y, query, batch.query_y, curve)
-        else:
-            task = partial(self.task_loss, curve=curve)
-            loss, predictions, curves = map_tasks(task, (support, batch.support_y, query, batch.query_y), mode)
+        task = partial(self.task_loss, curve=curve)
+        inputs = (support, batch.support_y, query, batch.query_y)
+        loss, predictions, curves = map_tasks(task, inputs, self.task_runner(mode))
         return EpisodeOutput(loss, predictions, self.curve(curves))
-
-    def task_loss(
-        self, support: Tensor, support_y: Tensor, query: Tensor, query_y: Tensor, curve: bool = False
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Adapt the head on one task's support features; return its query loss, predictions and curve."""
-
-        def query_loss(params: Params) -> Tensor:
-            return self.outer_loss(self.forward_with(params, query), query_y)
-
-        adapted = self.adapt(support, support_y, curve_loss=query_loss if curve else None)
-        prediction = self.forward_with(adapted.params, query)
-        return self.outer_loss(prediction, query_y), prediction, adapted.curve
-
-    def _batched(
-        self, support: Tensor, support_y: Tensor, query: Tensor, query_y: Tensor, curve: bool
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
-        tasks = support.shape[0]
-        # Under no_grad a view of a parameter still says requires_grad but joins no graph: expand a detached one.
-        grad = torch.is_grad_enabled()
-        start = {name: (p if grad else p.detach()).expand(tasks, *p.shape) for name, p in self.adapt_params().items()}
-
-        def support_loss(params: Params) -> Tensor:
-            # Tasks share no weights here, so the gradient of the sum is each task's own gradient.
-            return self.query_loss(self.forward_with(params, support), support_y).sum()
-
-        measured: list[Tensor] = []  # [B] query losses along the way, kept here so their layout is ours
-
-        def query_losses(params: Params) -> Tensor:
-            measured.append(self.query_loss(self.forward_with(params, query), query_y).detach())
-            return measured[-1]
-
-        adapted = inner_loop(support_loss, start, self.inner_optimizer, self.steps(), create_graph=self.second_order,
-                             curve_loss=query_losses if curve else None)  # fmt: skip
-        predictions = self.forward_with(adapted.params, query)
-        return self.query_loss(predictions, query_y), predictions, torch.stack(measured, 1) if curve else None
 
 
 def _check_body_and_head(backbone: nn.Module, head: nn.Module | None, body_batching: str, task_batching: str) -> None:

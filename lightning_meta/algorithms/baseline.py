@@ -21,16 +21,15 @@ from torch.func import functional_call
 from datamodules.base import LabelledBatch
 from datamodules.episodes import EpisodeBatch, as_episode_batch
 
-from ..backbones import Conv4, to_channels_last
+from ..backbones import Conv4
 from ..base import EpisodicModule, at_least_float32, embed_episode
+from ..functional import inner_loop
+from ..inner_optimizers import Momentum
+from ..memory_format import channels_last_argument, channels_last_callbacks
+from ..precision import solver_precision
 
 #: An episode head: its tensors with a leading task dimension (weights ``[B, N, D]``, bias ``[B, N]``).
 Head = list[Tensor]
-
-
-def _fp32(x: Tensor) -> torch.autocast:
-    # Heads are fitted by a solver on float32 features: bf16 matmuls would feed it rounding noise.
-    return torch.autocast(x.device.type, enabled=False)
 
 
 class CosineClassifier(nn.Module):
@@ -69,7 +68,8 @@ class PretrainedModule(EpisodicModule):
         finetune_backbone: fine-tune the whole backbone per episode at evaluation (P>M>F).
         finetune_steps: SGD steps of that fine-tuning (50 in Hu et al. 2022).
         finetune_lr: its learning rate (Hu et al. pick one of 0, 1e-4, 1e-3, 1e-2 on validation episodes).
-        channels_last: channels-last memory format for the backbone and the images (see :class:`EpisodicModule`).
+        channels_last: deprecated; this module asks the Trainer for the
+            :class:`~lightning_meta.memory_format.ChannelsLast` callback (False here turns that off).
         optimizer: pre-training optimizer factory.
         lr_scheduler: optional scheduler factory, stepped once per epoch.
     """
@@ -86,7 +86,7 @@ class PretrainedModule(EpisodicModule):
         finetune_backbone: bool = False,
         finetune_steps: int = 50,
         finetune_lr: float = 0.01,
-        channels_last: bool = True,
+        channels_last: bool | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -107,10 +107,14 @@ class PretrainedModule(EpisodicModule):
         super().__init__(backbone, optimizer, lr_scheduler)
         self.num_classes, self.head_steps, self.head_lr = num_classes, head_steps, head_lr
         self.finetune_backbone, self.finetune_steps, self.finetune_lr = finetune_backbone, finetune_steps, finetune_lr
-        self.channels_last = channels_last
+        self.wants_channels_last = channels_last_argument(type(self).__name__, channels_last, True)
         self.classifier: nn.Module | None = None
         if num_classes is not None:
             self._build_classifier(num_classes)
+
+    def configure_callbacks(self) -> Any:
+        """Ask the Trainer for :class:`~lightning_meta.memory_format.ChannelsLast` when the module wants it."""
+        return channels_last_callbacks(self, super().configure_callbacks())
 
     # ------------------------------------------------------------------ hooks of the methods
     def make_classifier(self, num_classes: int) -> nn.Module:
@@ -194,7 +198,7 @@ class PretrainedModule(EpisodicModule):
 
     def embed(self, images: Tensor) -> Tensor:
         """``[N, D]`` embeddings of ``[N, C, H, W]`` images, at least float32."""
-        return at_least_float32(self.backbone(to_channels_last(images) if self.channels_last else images))
+        return at_least_float32(self.backbone(images))
 
     def classify(self, images: Tensor) -> Tensor:
         """``[N, num_classes]`` logits of the pre-training classifier."""
@@ -230,27 +234,26 @@ class PretrainedModule(EpisodicModule):
     # ------------------------------------------------------------------ evaluation
     def episode_logits(self, batch: EpisodeBatch) -> Tensor:
         batch = as_episode_batch(batch)
-        support, query = embed_episode(self.backbone, batch, self.channels_last)
+        support, query = embed_episode(self.backbone, batch, False)
         ways = int(batch.support_y.max()) + 1
-        with torch.enable_grad(), _fp32(support):
+        with torch.enable_grad(), solver_precision(support):
             head = self.fit_episode_head(self.episode_features(support.detach()), batch.support_y, ways)
         if not self.finetune_backbone or self.finetune_steps == 0:
-            with _fp32(query):
+            with solver_precision(query):
                 return self.episode_head_logits(head, self.episode_features(query))
         logits = []
         for t in range(batch.num_tasks):
             task_head = [h[t : t + 1] for h in head]
             params, task_head = self.finetune_episode(batch.support_x[t], batch.support_y[t], task_head)
             z = self._embed_with(params, batch.query_x[t])
-            with _fp32(z):
+            with solver_precision(z):
                 logits.append(self.episode_head_logits(task_head, self.episode_features(z[None])))
         return torch.cat(logits)
 
     def _embed_with(self, params: dict[str, Tensor], images: Tensor) -> Tensor:
         # Copies of the buffers too: batch-norm statistics of the module stay as they were.
         state = {**{n: b.clone() for n, b in self.backbone.named_buffers()}, **params}
-        x = to_channels_last(images) if self.channels_last else images
-        return at_least_float32(functional_call(self.backbone, state, (x,)))
+        return at_least_float32(functional_call(self.backbone, state, (images,)))
 
     def finetune_episode(self, support_x: Tensor, support_y: Tensor, head: Head) -> tuple[dict[str, Tensor], Head]:
         """Fine-tune a copy of the backbone's weights and the fitted head on one episode's support set.
@@ -259,22 +262,22 @@ class PretrainedModule(EpisodicModule):
         cross-entropy (P>M>F, Hu et al. 2022, section 3.3). Returns the fine-tuned weights (by
         name, for ``torch.func.functional_call``) and head; the module's own weights are untouched.
         """
-        params = {n: p.detach().clone().requires_grad_() for n, p in self.backbone.named_parameters()}
-        head = [h.detach().clone().requires_grad_() for h in head]
-        tensors = [*params.values(), *head]
-        velocity = [torch.zeros_like(t) for t in tensors]
-        with torch.enable_grad():
-            for _ in range(self.finetune_steps):
-                z = self._embed_with(params, support_x)
-                with _fp32(z):
-                    loss = self.episode_head_loss(head, self.episode_features(z[None]), support_y[None])
-                # autograd.grad, not backward: nothing lands in the module's .grad (or DDP's hooks).
-                grads = torch.autograd.grad(loss, tensors)
-                with torch.no_grad():
-                    for t, v, g in zip(tensors, velocity, grads, strict=True):
-                        v.mul_(0.9).add_(g)
-                        t.sub_(self.finetune_lr * v)
-        return {n: p.detach() for n, p in params.items()}, [h.detach() for h in head]
+        start = {n: p.detach() for n, p in self.backbone.named_parameters()}
+        start.update({f"episode_head.{i}": h.detach() for i, h in enumerate(head)})
+        heads = len(head)
+
+        def support_loss(params: dict[str, Tensor]) -> Tensor:
+            z = self._embed_with({n: p for n, p in params.items() if not n.startswith("episode_head.")}, support_x)
+            with solver_precision(z):
+                task_head = [params[f"episode_head.{i}"] for i in range(heads)]
+                return self.episode_head_loss(task_head, self.episode_features(z[None]), support_y[None])
+
+        # Gradients by autograd.grad (inner_loop's), not backward: nothing lands in the module's .grad (or DDP's hooks).
+        params = start
+        if self.finetune_lr > 0:  # Momentum refuses a zero rate, which changes nothing
+            params = inner_loop(support_loss, start, Momentum(self.finetune_lr, 0.9), self.finetune_steps).params
+        head = [params.pop(f"episode_head.{i}") for i in range(heads)]
+        return params, head
 
 
 class Baseline(PretrainedModule):

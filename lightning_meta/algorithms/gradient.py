@@ -1,15 +1,13 @@
 """What the gradient-based algorithms (MAML, Reptile) share, on top of :mod:`lightning_meta.functional`.
 
 The network (a backbone, then an optional explicit head), which of its parameters adapt, the inner
-loop on one task, task batching (loop, vmap, or timed), the adaptation curve, channels-last
-batches, and the checks of the head's outputs against the episodes' ways.
+loop on one task, task batching (a :class:`~lightning_meta.functional.TaskRunner`: loop, vmap, batched or
+timed), the adaptation curve, and the checks of the head's outputs against the episodes' ways.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -19,11 +17,21 @@ from torch import Tensor, nn
 
 from datamodules.episodes import EpisodeBatch
 
-from ..backbones import to_channels_last
 from ..base import AdaptationCurve, EpisodeOutput, EpisodicModule
-from ..functional import InnerLoop, InnerOptimizer, Params, adaptation_curve_steps, forward_with, inner_loop
+from ..functional import (
+    InnerLoop,
+    InnerOptimizer,
+    Params,
+    TaskRunner,
+    adaptation_curve_steps,
+    fastest_task_batching,
+    forward_with,
+    inner_loop,
+)  # fmt: skip
 from ..functional import select_params as select
-from ..task_batched import TaskBatched, check_task_batchable, expand_tasks
+from ..inner_optimizers import current_lr
+from ..memory_format import channels_last_argument, channels_last_callbacks
+from ..task_batched import TaskBatched, check_task_batchable, expand_tasks, together
 
 
 class BackboneHead(nn.Module):
@@ -56,7 +64,9 @@ class GradientModule(EpisodicModule):
             the first training batch and keeps the fastest. The choice is saved in checkpoints, so a
             resumed fit and a later ``test`` take the same path; evaluation is never timed (it uses
             training's choice, else ``"loop"``), so two evaluations of a checkpoint give the same numbers.
-        channels_last: channels-last memory format for the backbone and the image batches.
+        channels_last: deprecated; channels-last weights are the Trainer's (the
+            :class:`~lightning_meta.memory_format.ChannelsLast` callback), off by default here: channels-last
+            kernels round differently with the thread count and the inner loop amplifies it.
         adaptation_curve: return the query loss along the inner loop in validation and test.
         optimizer: outer optimizer factory.
         lr_scheduler: optional outer scheduler factory.
@@ -65,6 +75,8 @@ class GradientModule(EpisodicModule):
     needs_grad_in_eval = True
     #: The smallest ``inner_steps`` and ``inner_steps_eval`` allowed.
     min_inner_steps: ClassVar[int] = 0
+    #: With ``task_batching="batched"``, at most this many tasks run together; None for all.
+    tasks_per_chunk: int | None = None
     #: The allowed values of ``task_batching``.
     task_batchings: ClassVar[tuple[str, ...]] = ("auto", "loop", "vmap")
 
@@ -77,7 +89,7 @@ class GradientModule(EpisodicModule):
         inner_steps: int,
         inner_steps_eval: int,
         task_batching: str,
-        channels_last: bool,
+        channels_last: bool | None,
         adaptation_curve: bool,
         optimizer: OptimizerCallable,
         lr_scheduler: LRSchedulerCallable | None,
@@ -103,14 +115,18 @@ class GradientModule(EpisodicModule):
         self.inner_optimizer = inner_optimizer
         self.adapt_selection = adapt
         self.inner_steps, self.inner_steps_eval = inner_steps, inner_steps_eval
-        self.task_batching, self.channels_last = task_batching, channels_last
+        self.task_batching = task_batching
+        self.wants_channels_last = channels_last_argument(name, channels_last, False)
         self.adaptation_curve = adaptation_curve
         self._chosen_batching: dict[bool, str] = {}
-        self._together: int | None = None  # tasks running together (task_batching="batched"), else None
         self._checked_shapes: set[tuple[int, ...]] = set()
         inner_optimizer.bind(select(self.network, adapt))  # also checks `adapt` now, not at the first batch
         if task_batching == "batched":
-            check_task_batchable(self.network, self.adapt_params())
+            self.check_batchable()
+
+    def configure_callbacks(self) -> Any:
+        """Ask the Trainer for :class:`~lightning_meta.memory_format.ChannelsLast` when the module wants it."""
+        return channels_last_callbacks(self, super().configure_callbacks())
 
     # ------------------------------------------------------------------ the network and the inner loop
     @property
@@ -127,44 +143,46 @@ class GradientModule(EpisodicModule):
     def forward_with(self, params: Params, x: Tensor) -> Tensor:
         """Run the network with ``params`` in place of (some of) its own parameters.
 
-        Inside :meth:`tasks_together`, ``x`` is ``[T, B, ...]`` and ``params`` carry a leading task
-        dimension: the ``T`` tasks run through one call (:class:`~lightning_meta.task_batched.TaskBatched`).
+        Given tasks together (:func:`~lightning_meta.task_batched.together`, a ``"batched"``
+        :class:`~lightning_meta.functional.TaskRunner`), ``x`` is ``[T, B, ...]`` and ``params`` carry
+        a leading task dimension: the ``T`` tasks run through one call
+        (:class:`~lightning_meta.task_batched.TaskBatched`).
         """
-        if self._together is None:
+        tasks = together()
+        if tasks is None:
             return forward_with(self.network, params, x)
-        tasks, items = x.shape[:2]
+        items = x.shape[1]
         with TaskBatched(tasks):
             out = forward_with(self.network, params, x.flatten(0, 1))
         return out.view(tasks, items, *out.shape[1:])
 
     def task_losses(self, loss: Callable[[Tensor, Tensor], Tensor], predictions: Tensor, targets: Tensor) -> Tensor:
-        """``loss(predictions, targets)`` of one task, or ``[T]`` of each inside :meth:`tasks_together`."""
-        if self._together is None:
+        """``loss(predictions, targets)`` of one task, or ``[T]`` of each when given tasks together."""
+        if together() is None:
             return loss(predictions, targets)
         return torch.func.vmap(loss)(predictions, targets)
 
-    @contextmanager
-    def tasks_together(self, tasks: int) -> Iterator[None]:
-        """Run :meth:`adapt`, :meth:`forward_with` and :meth:`task_losses` on ``tasks`` tasks at once.
-
-        Raises:
-            TaskBatchingError: when the network has layers that cannot run tasks together.
-        """
+    def check_batchable(self) -> None:
+        """Raise :class:`~lightning_meta.task_batched.TaskBatchingError` unless the network can run tasks together."""
         check_task_batchable(self.network, self.adapt_params())
-        self._together = tasks
-        try:
-            yield
-        finally:
-            self._together = None
 
-    def together(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        """``fn`` (a per-task function) run on a chunk of tasks at once, under :meth:`tasks_together`."""
+    def task_runner(self, mode: str, per_task_backward: bool = False) -> TaskRunner:
+        """How :meth:`run_tasks` runs its tasks in ``mode``: with each task's meta-gradient taken at once when asked.
 
-        def run(*inputs: Tensor) -> Any:
-            with self.tasks_together(inputs[0].shape[0]):
-                return fn(*inputs)
+        Per-task backward (learn2learn's) applies while training, in ``"loop"`` and ``"batched"``
+        modes: each task's graph is freed as soon as its meta-gradient is taken, so memory holds one
+        task (chunk), and Lightning's backward then applies the sum.
+        """
+        if mode == "batched":
+            self.check_batchable()
+        meta = [p for p in self.parameters() if p.requires_grad]
+        backward = per_task_backward and self.training and torch.is_grad_enabled() and bool(meta) and mode != "vmap"
+        return TaskRunner.for_trainer(self._trainer, mode, meta if backward else None, self.tasks_per_chunk)
 
-        return run
+    @property
+    def inner_lr(self) -> float | None:
+        """The inner step size now, read from :attr:`inner_optimizer` (learned ones: their mean): never stale."""
+        return current_lr(self.inner_optimizer)
 
     def adapt_params(self) -> Params:
         """The parameters the inner loop starts from and adapts (chosen by ``adapt``)."""
@@ -196,6 +214,8 @@ class GradientModule(EpisodicModule):
         *,
         batches: Tensor | None = None,
         curve_loss: Any = None,
+        on_step: Callable[[int], None] | None = None,
+        step_loss: Callable[[Params, int], Tensor | None] | None = None,
     ) -> InnerLoop:
         """Adapt to one task's support set (:func:`~lightning_meta.functional.inner_loop`).
 
@@ -206,11 +226,14 @@ class GradientModule(EpisodicModule):
             steps: default :meth:`steps`.
             batches: ``[steps, size]`` support indices of each step's mini-batch; default the whole set.
             curve_loss: ``curve_loss(params)`` to measure along the way (the query loss).
+            on_step: per-step hook of :func:`~lightning_meta.functional.inner_loop` (MAML++'s batch norms).
+            step_loss: extra loss after each update, summed into the result's ``extra`` (MAML++'s multi-step loss).
         """
         if params is None:
             params = self.adapt_params()
-            if self._together is not None:
-                params = expand_tasks(params, self._together)
+            tasks = together()
+            if tasks is not None:
+                params = expand_tasks(params, tasks)
 
         def support_loss(p: Params, index: Tensor | None = None) -> Tensor:
             x, y = (support_x, support_y) if index is None else (support_x[index], support_y[index])
@@ -218,7 +241,8 @@ class GradientModule(EpisodicModule):
             return self.task_losses(self.inner_loss, self.forward_with(p, x), y).sum()
 
         result = inner_loop(support_loss, params, self.inner_optimizer, self.steps() if steps is None else steps,
-                            create_graph=self.second_order, step_data=batches, curve_loss=curve_loss)  # fmt: skip
+                            create_graph=self.second_order, step_data=batches, curve_loss=curve_loss, on_step=on_step,
+                            step_loss=step_loss)  # fmt: skip
         if self.training and self.inner_optimizer.persistent:
             self.inner_optimizer.keep(result.state)
         return result
@@ -226,6 +250,18 @@ class GradientModule(EpisodicModule):
     def curve(self, losses: Tensor | None) -> AdaptationCurve | None:
         """Stacked ``[B, points]`` task curves as an :class:`~lightning_meta.base.AdaptationCurve` (None stays None)."""
         return None if losses is None else AdaptationCurve(adaptation_curve_steps(self.steps()), losses)
+
+    def task_loss(
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, curve: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Adapt on one task's support set; return its query loss, query predictions and (with ``curve``) curve."""
+
+        def query_loss(params: Params) -> Tensor:
+            return self.task_losses(self.outer_loss, self.forward_with(params, query_x), query_y)
+
+        adapted = self.adapt(support_x, support_y, curve_loss=query_loss if curve else None)
+        prediction = self.forward_with(adapted.params, query_x)
+        return self.task_losses(self.outer_loss, prediction, query_y), prediction, adapted.curve
 
     # ------------------------------------------------------------------ episodes
     def run_tasks(self, batch: EpisodeBatch, mode: str, curve: bool) -> EpisodeOutput:
@@ -241,8 +277,6 @@ class GradientModule(EpisodicModule):
 
     def _episodes(self, batch: EpisodeBatch, curve: bool) -> EpisodeOutput:
         self.check_episode_ways(batch)
-        if self.channels_last:
-            batch = batch._replace(support_x=to_channels_last(batch.support_x), query_x=to_channels_last(batch.query_x))
         mode = self.task_batching
         if mode == "auto":
             mode = self.auto_task_batching(batch)
@@ -273,36 +307,18 @@ class GradientModule(EpisodicModule):
             self._chosen_batching[True] = chosen
 
     def _time_task_batching(self, batch: EpisodeBatch) -> str:
-        """Time a step (with its meta-gradient when training) both ways on ``batch``; return the faster.
+        """Time a step (with its meta-gradient when training) in each mode on ``batch``; return the fastest.
 
         Which is faster depends on the device and the model (``benchmarks/RESULTS.md``). Results are
-        identical, so only speed is at stake; a mode the backbone cannot run (vmap of an unusual
-        layer, tasks together through a layer :mod:`~lightning_meta.task_batched` does not know) or
-        that runs out of memory is skipped.
+        identical, so only speed is at stake (:func:`~lightning_meta.functional.fastest_task_batching`).
         """
-        params = [p for p in self.parameters() if p.requires_grad]
-        times: dict[str, float] = {}
+        params = [p for p in self.parameters() if p.requires_grad] if self.training else []
         modes = [m for m in ("loop", "vmap", "batched") if m in self.task_batchings]
-        phase = "training" if self.training else "evaluation"
-        rank_zero_info(f"{type(self).__name__}: task_batching='auto' is timing {', '.join(modes)} for {phase} ...")
-        for mode in modes:
-            try:
-                for _ in range(2):  # the first call warms up
-                    start = time.perf_counter()
-                    loss = self.run_tasks(batch, mode, curve=False).loss.mean()
-                    if self.training and torch.is_grad_enabled() and loss.requires_grad:
-                        torch.autograd.grad(loss, params, allow_unused=True)
-                    if loss.device.type == "cuda":
-                        torch.cuda.synchronize(loss.device)
-                    times[mode] = time.perf_counter() - start
-            except (RuntimeError, torch.OutOfMemoryError) as err:  # TaskBatchingError is a RuntimeError
-                if mode == "loop":
-                    raise
-                times.pop(mode, None)
-                rank_zero_info(f"{type(self).__name__}: task_batching={mode!r} unavailable ({err})")
+        name, phase = type(self).__name__, "training" if self.training else "evaluation"
+        rank_zero_info(f"{name}: task_batching='auto' is timing {', '.join(modes)} for {phase} ...")
+        times = fastest_task_batching(lambda mode: self.run_tasks(batch, mode, curve=False).loss.mean(), modes, params)
         choice = min(times, key=times.__getitem__)
         timed = ", ".join(f"{mode} {1000 * seconds:.1f} ms" for mode, seconds in times.items())
-        name = type(self).__name__
         rank_zero_info(f"{name}: task_batching='auto' chose {choice!r} for {phase} ({timed} per meta-batch)")
         return choice
 

@@ -7,12 +7,13 @@ from typing import Any, ClassVar, Literal
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch import Tensor, nn
+from torch import nn
 
 from datamodules.episodes import EpisodeBatch
 
 from ..base import EpisodeOutput
-from ..functional import SGD, InnerOptimizer, MetaSGD, map_tasks
+from ..functional import map_tasks
+from ..inner_optimizers import InnerOptimizer, MetaSGD, resolve_inner_optimizer
 from .gradient import GradientModule
 
 
@@ -57,10 +58,7 @@ class MAML(GradientModule):
         first_order: drop second-order terms (FOMAML).
         learn_inner_lr: Meta-SGD step sizes: False, True/"tensor" or "element".
         task_batching: "auto", "loop", "vmap" or "batched", see above.
-        channels_last: channels-last memory format for the backbone's weights and the image batches (see
-            :attr:`EpisodicModule.channels_last`). Off by default here: channels-last kernels round
-            differently with the thread count and the inner loop amplifies it, so DDP and single-process
-            test accuracy differed; the speed gain was small (benchmarks/RESULTS.md).
+        channels_last: deprecated, see :class:`~lightning_meta.algorithms.gradient.GradientModule`.
         adaptation_curve: return the query loss along the inner loop during validation and test.
         optimizer: outer optimizer factory (Adam, lr 1e-3 by default).
         lr_scheduler: optional outer scheduler factory.
@@ -84,7 +82,7 @@ class MAML(GradientModule):
         first_order: bool = False,
         learn_inner_lr: bool | Literal["tensor", "element"] = False,
         task_batching: Literal["auto", "loop", "vmap", "batched"] = "auto",
-        channels_last: bool = False,
+        channels_last: bool | None = None,
         adaptation_curve: bool = True,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -95,21 +93,11 @@ class MAML(GradientModule):
     ) -> None:
         if tasks_per_chunk is not None and tasks_per_chunk < 1:
             raise ValueError(f"tasks_per_chunk={tasks_per_chunk} must be 1 or more, or None for all tasks at once")
-        if learn_inner_lr not in (False, True, "tensor", "element"):
-            raise ValueError(f"learn_inner_lr={learn_inner_lr!r} must be False, True, 'tensor' or 'element'")
-        if inner_optimizer is not None and learn_inner_lr:
-            raise ValueError(
-                f"learn_inner_lr={learn_inner_lr!r} and inner_optimizer={inner_optimizer!r} both choose the inner "
-                "optimizer; give one (learn_inner_lr is inner_optimizer=MetaSGD(lr=inner_lr, per=...))"
-            )
         # A new name: save_hyperparameters reads the arguments from this frame, and they must stay as given.
-        rule = inner_optimizer
-        if rule is None:
-            per: Literal["tensor", "element"] = "element" if learn_inner_lr == "element" else "tensor"
-            rule = MetaSGD(inner_lr, per) if learn_inner_lr else SGD(inner_lr)
+        rule = resolve_inner_optimizer(type(self).__name__, inner_optimizer, inner_lr, learn=learn_inner_lr)
         super().__init__(backbone, head, rule, adapt, inner_steps, inner_steps_eval, task_batching,
                          channels_last, adaptation_curve, optimizer, lr_scheduler)  # fmt: skip
-        self.inner_lr, self.first_order, self.tasks_per_chunk = inner_lr, first_order, tasks_per_chunk
+        self.first_order, self.tasks_per_chunk = first_order, tasks_per_chunk
         # Checkpoints from before the pluggable inner optimizers kept Meta-SGD's step sizes as `inner_lrs.*`.
         self._register_load_state_dict_pre_hook(_rename_meta_sgd_keys)
 
@@ -122,37 +110,10 @@ class MAML(GradientModule):
     def second_order(self) -> bool:
         return self.training and not self.first_order and torch.is_grad_enabled()
 
-    def task_loss(
-        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, curve: bool = False
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Adapt on one task's support set; return its query loss, query predictions and (with ``curve``) curve."""
-
-        def query_loss(params: dict[str, Tensor]) -> Tensor:
-            return self.task_losses(self.outer_loss, self.forward_with(params, query_x), query_y)
-
-        adapted = self.adapt(support_x, support_y, curve_loss=query_loss if curve else None)
-        prediction = self.forward_with(adapted.params, query_x)
-        return self.task_losses(self.outer_loss, prediction, query_y), prediction, adapted.curve
-
     def run_tasks(self, batch: EpisodeBatch, mode: str, curve: bool) -> EpisodeOutput:
-        meta_params = [p for p in self.parameters() if p.requires_grad]
-        # While training, take each task's meta-gradient at once and free its graph (learn2learn's
-        # per-task backward), so memory holds one task; Lightning's backward then applies the sum.
-        training = self.training and torch.is_grad_enabled() and bool(meta_params)
-        per_task_backward = training and mode in ("loop", "batched")
         task = partial(self.task_loss, curve=curve)
-        loss, predictions, curves = map_tasks(
-            self.together(task) if mode == "batched" else task, tuple(batch), mode,
-            backward=meta_params if per_task_backward else None,
-            backward_scale=self._loss_scale() if per_task_backward else 1.0, chunk=self.tasks_per_chunk,
-        )  # fmt: skip
+        loss, predictions, curves = map_tasks(task, tuple(batch), self.task_runner(mode, per_task_backward=True))
         return EpisodeOutput(loss, predictions, self.curve(curves))
-
-    def _loss_scale(self) -> float:
-        """The AMP loss scale under ``precision="16-mixed"`` (else 1): per-task fp16 gradients must not underflow."""
-        trainer = self._trainer
-        scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None) if trainer is not None else None
-        return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
 
 
 def _rename_meta_sgd_keys(state_dict: dict[str, Any], prefix: str, *args: Any) -> None:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -13,8 +12,9 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from ..backbones import TaskBatchNorm2d
-from ..functional import InnerOptimizer, Params, _check_lr, _key, adaptation_curve_steps, gradients
+from ..functional import Params
 from ..functional import select_params as select
+from ..inner_optimizers import InnerOptimizer, resolve_inner_optimizer
 from .gradient import BackboneHead
 from .maml import MAML
 
@@ -103,43 +103,6 @@ def per_step_batch_norm(module: nn.Module, steps: int) -> nn.Module:
     return module
 
 
-class LSLR(InnerOptimizer):
-    """Learned per-layer per-step inner learning rates (LSLR, Antoniou et al. 2019, section 4).
-
-    ``p - lr[p, t] * g`` at inner step ``t``: one learned rate per parameter tensor and per step,
-    all initialised to ``lr`` (their ``LSLRGradientDescentLearningRule``). Steps beyond ``steps``
-    (a longer evaluation) reuse the last rate.
-
-    Args:
-        lr: initial rate.
-        steps: inner steps with their own rate.
-    """
-
-    def __init__(self, lr: float = 0.1, steps: int = 5) -> None:
-        super().__init__()
-        _check_lr("LSLR", lr)
-        if steps < 1:
-            raise ValueError(f"LSLR: steps={steps} must be >= 1 (one rate per inner step)")
-        self.lr, self.steps = lr, steps
-        self.lrs = nn.ParameterDict()
-
-    def bind(self, named_params: Mapping[str, Tensor]) -> None:
-        for name, p in named_params.items():
-            if _key(name) not in self.lrs:
-                self.lrs[_key(name)] = nn.Parameter(torch.full((self.steps,), float(self.lr), dtype=p.dtype,
-                                                               device=p.device))  # fmt: skip
-
-    def step(self, params: Params, grads: Params, state: Any, t: int) -> tuple[Params, Any]:
-        missing = [name for name in params if _key(name) not in self.lrs]
-        if missing:
-            raise RuntimeError(f"LSLR has no rates for {missing}; call bind(named_params) with them first")
-        k = min(t, self.steps) - 1
-        return {name: p - self.lrs[_key(name)][k] * grads[name] for name, p in params.items()}, state
-
-    def extra_repr(self) -> str:
-        return f"lr={self.lr}, steps={self.steps}"
-
-
 class MAMLPlusPlus(MAML):
     """MAML++ (Antoniou, Edwards and Storkey 2019, "How to train your MAML", section 4): MAML with five switches.
 
@@ -158,10 +121,9 @@ class MAMLPlusPlus(MAML):
     - cosine annealing of the outer learning rate (CA) is the configs' ``lr_scheduler``
       (``CosineAnnealingLR``, ``T_max`` the epochs, ``eta_min`` 1e-5 as in their code).
 
-    With every switch off it is MAML, to the bit. The inner loop takes the same steps as MAML's
-    (:func:`~lightning_meta.functional.gradients`, then the inner optimiser's ``step``), written
-    out here because MSL needs the differentiable query loss after each step and the per-step
-    norms need the step index before each forward.
+    With every switch off it is MAML, to the bit: the same inner loop
+    (:func:`~lightning_meta.functional.inner_loop`), whose per-step hooks give MSL the differentiable
+    query loss after each step and the per-step norms the step index before each forward.
 
     Args:
         backbone: the network, ending in one output per way unless ``head`` is given (batch norms are
@@ -176,7 +138,7 @@ class MAMLPlusPlus(MAML):
         learn_inner_lr_per_step: LSLR, see above.
         first_order_epochs: DA: epochs of first-order training before second order.
         task_batching: "auto", "loop" or "vmap" (not with ``per_step_bn``), as in :class:`MAML`.
-        channels_last: as in :class:`MAML`.
+        channels_last: deprecated, as in :class:`MAML`.
         adaptation_curve: as in :class:`MAML`.
         optimizer: outer optimizer factory (Adam, lr 1e-3).
         lr_scheduler: outer scheduler factory (the configs' cosine annealing).
@@ -201,7 +163,7 @@ class MAMLPlusPlus(MAML):
         learn_inner_lr_per_step: bool = True,
         first_order_epochs: int = 50,
         task_batching: Literal["auto", "loop", "vmap"] = "auto",
-        channels_last: bool = False,
+        channels_last: bool | None = None,
         adaptation_curve: bool = True,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -217,18 +179,14 @@ class MAMLPlusPlus(MAML):
                 f"MAMLPlusPlus: inner_steps={inner_steps} leaves nothing per step; set inner_steps >= 1 or "
                 "per_step_bn=False and learn_inner_lr_per_step=False"
             )
-        if learn_inner_lr_per_step and inner_optimizer is not None:
-            raise ValueError(
-                f"MAMLPlusPlus: learn_inner_lr_per_step=True and inner_optimizer={inner_optimizer!r} both choose the "
-                "inner optimizer; give one (learn_inner_lr_per_step is inner_optimizer=LSLR(inner_lr, inner_steps))"
-            )
         if per_step_bn and task_batching == "vmap":
             raise ValueError(
                 "MAMLPlusPlus: per_step_bn=True updates per-step running statistics in place, which vmap cannot; "
                 "set task_batching='loop' (or 'auto'), or per_step_bn=False"
             )
         # New names: save_hyperparameters reads the arguments from this frame, and they must stay as given.
-        rule = LSLR(inner_lr, inner_steps) if learn_inner_lr_per_step else inner_optimizer
+        rule = resolve_inner_optimizer("MAMLPlusPlus", inner_optimizer, inner_lr, learn=learn_inner_lr_per_step,
+                                       per_step=inner_steps, flag="learn_inner_lr_per_step")  # fmt: skip
         selection = adapt
         if per_step_bn:
             body = per_step_batch_norm(backbone, inner_steps)
@@ -268,45 +226,28 @@ class MAMLPlusPlus(MAML):
     def task_loss(
         self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, curve: bool = False
     ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Adapt on one task's support set; return its (multi-step) query loss, query predictions and curve."""
+        """Adapt on one task's support set; return its (multi-step) query loss, query predictions and curve.
+
+        The shared inner loop with two per-step hooks: each step's forwards go through that step's
+        norms (after update k the query goes through step k's, as in their code), and MSL adds the
+        weighted query loss after every update but the last, which is weighted here.
+        """
         weights = self.step_loss_weights()
-        steps, optimizer = self.steps(), self.inner_optimizer
-        params = self.adapt_params()
-        state = optimizer.init_state(params)
-        # As in inner_loop: keep a graph only when something outside wants the meta-gradient.
-        track = torch.is_grad_enabled() and any(p.requires_grad for p in (*params.values(), *optimizer.parameters()))
-        measured = set(adaptation_curve_steps(steps)) if curve else set()
 
-        def query(p: Params, updates: int) -> Tensor:
-            # After update k (0-based) the query goes through step k's norms, as in their code.
-            self.set_norm_step(max(updates - 1, 0))
-            return self.forward_with(p, query_x)
+        def query_loss(params: Params) -> Tensor:
+            return self.outer_loss(self.forward_with(params, query_x), query_y)
 
-        def support_loss(p: Params) -> Tensor:
-            return self.inner_loss(self.forward_with(p, support_x), support_y)
+        def step_loss(params: Params, updates: int) -> Tensor | None:
+            return weights[updates - 1] * query_loss(params) if weights and updates < len(weights) else None
 
-        points: list[Tensor] = []
-        total: Tensor | None = None
-        for t in range(steps):
-            if t in measured:
-                with torch.no_grad():
-                    points.append(self.outer_loss(query(params, t), query_y).detach())
-            self.set_norm_step(t)
-            grads = gradients(support_loss, params, create_graph=self.second_order and track)
-            with torch.set_grad_enabled(track):
-                params, state = optimizer.step(params, grads, state, t + 1)
-            if weights is not None and t < steps - 1:
-                term = weights[t] * self.outer_loss(query(params, t + 1), query_y)
-                total = term if total is None else total + term
-        if self.training and optimizer.persistent:
-            optimizer.keep(state)
-        prediction = query(params, steps)
+        adapted = self.adapt(support_x, support_y, curve_loss=query_loss if curve else None,
+                             on_step=self.set_norm_step, step_loss=step_loss)  # fmt: skip
+        self.set_norm_step(max(self.steps() - 1, 0))
+        prediction = self.forward_with(adapted.params, query_x)
         loss = self.outer_loss(prediction, query_y)
-        if curve:
-            points.append(loss.detach())
-        if weights is not None:
-            loss = weights[-1] * loss if total is None else total + weights[-1] * loss
-        return loss, prediction, torch.stack(points) if curve else None
+        if weights:
+            loss = weights[-1] * loss if adapted.extra is None else adapted.extra + weights[-1] * loss
+        return loss, prediction, adapted.curve
 
 
 def _without_norms(network: nn.Module, adapt: str | list[str]) -> list[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +15,7 @@ from datamodules.episodes import EpisodeBatch
 
 from ..backbones import Conv4
 from ..base import EpisodeOutput, EpisodicModule, at_least_float32, embed_episode
+from ..memory_format import channels_last_argument, channels_last_callbacks
 
 
 def layer_augmented(h: Tensor, slow: Tensor, fast: Tensor | None, activation: bool) -> Tensor:
@@ -110,8 +111,8 @@ class MetaNetwork(EpisodicModule):
         contrastive_margin: margin of the contrastive loss on the representation distance.
         attention_scale: multiplies the cosine similarities of the memory read.
         meta_hidden: hidden units of ``m`` and ``d`` (20 in the authors' code).
-        channels_last: channels-last memory format for the backbones (see
-            :attr:`EpisodicModule.channels_last`).
+        channels_last: deprecated; this module asks the Trainer for the
+            :class:`~lightning_meta.memory_format.ChannelsLast` callback (False here turns that off).
         optimizer: outer optimizer factory (Adam, lr 1e-3 as in the authors' code).
         lr_scheduler: optional scheduler factory.
     """
@@ -130,7 +131,7 @@ class MetaNetwork(EpisodicModule):
         contrastive_margin: float = 1.0,
         attention_scale: float = 1.0,
         meta_hidden: int = 20,
-        channels_last: bool = True,
+        channels_last: bool | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -175,18 +176,11 @@ class MetaNetwork(EpisodicModule):
         # d (parameters G): coordinate-wise LSTM over the T gradients of loss_emb.
         self.d = nn.LSTM(2, meta_hidden, batch_first=True)
         self.d_out = nn.Linear(meta_hidden, 1)
-        self.channels_last = channels_last
+        self.wants_channels_last = channels_last_argument("MetaNetwork", channels_last, True)
 
-    @property
-    def channels_last(self) -> bool:  # noqa: D102 - the base class's, applied to both backbones
-        return getattr(self, "_channels_last", False)
-
-    @channels_last.setter
-    def channels_last(self, value: bool) -> None:
-        self._channels_last = bool(value)
-        fmt = torch.channels_last if value else torch.contiguous_format
-        self.backbone.to(memory_format=fmt)
-        self.representation.to(memory_format=fmt)
+    def configure_callbacks(self) -> Any:
+        """Ask the Trainer for :class:`~lightning_meta.memory_format.ChannelsLast` when the module wants it."""
+        return channels_last_callbacks(self, super().configure_callbacks())
 
     # ------------------------------------------------------------------ pieces
     def check_episode_ways(self, batch: EpisodeBatch) -> None:
@@ -302,8 +296,8 @@ class MetaNetwork(EpisodicModule):
         the base learner's query features ``features`` ``[B, Q, D]`` and ``embedding_loss`` ``[B]``.
         """
         self.check_episode_ways(batch)
-        support_u, query_u = embed_episode(self.representation, batch, self.channels_last)
-        support_b, query_b = embed_episode(self.backbone, batch, self.channels_last)
+        support_u, query_u = embed_episode(self.representation, batch, False)
+        support_b, query_b = embed_episode(self.backbone, batch, False)
         embedding_loss, gradient = self.representation_gradients(support_u, batch.support_y)
         task_fast = self.generate(gradient, "d")  # Q*: [B, H, D]  (eq. 4)
         keys = layer_augmented(support_u, self.key.weight, task_fast.unsqueeze(1), activation=False)  # eq. 5

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -12,25 +13,9 @@ from datamodules.episodes import EpisodeBatch
 
 from ..backbones import Conv4
 from ..base import EpisodicModule, embed_episode, support_onehot
-
-
-def ridge_regression(x: Tensor, y: Tensor, lam: Tensor | float, woodbury: bool | None = None) -> Tensor:
-    """The ridge solution ``argmin_W ||X W - Y||^2 + lam ||W||^2``, ``[B, D, M]``, of ``X [B, n, D]``, ``Y [B, n, M]``.
-
-    With ``woodbury`` (by default when ``n <= D``, the few-shot case) it is
-    ``X^T (X X^T + lam I)^{-1} Y``, an ``n x n`` solve per task (Bertinetto et al. 2019, eq. 5),
-    else ``(X^T X + lam I)^{-1} X^T Y``, a ``D x D`` one; the two are equal. Differentiable in
-    ``X``, ``Y`` and ``lam``, batched over the leading dimension.
-    """
-    n, d = x.shape[-2:]
-    xt = x.transpose(-1, -2)
-    if woodbury is None:
-        woodbury = n <= d
-    if woodbury:
-        gram = x @ xt + lam * torch.eye(n, dtype=x.dtype, device=x.device)
-        return xt @ torch.linalg.solve(gram, y)
-    gram = xt @ x + lam * torch.eye(d, dtype=x.dtype, device=x.device)
-    return torch.linalg.solve(gram, xt @ y)
+from ..memory_format import channels_last_argument, channels_last_callbacks
+from ..precision import solver_precision
+from ..solvers import ridge_regression
 
 
 class R2D2(EpisodicModule):
@@ -54,7 +39,8 @@ class R2D2(EpisodicModule):
         learn_lambda: learn ``lambda`` with the backbone (else it stays ``init_lambda``).
         init_scale: initial ``alpha`` (the authors use 1e-4 on mini-ImageNet, 10 on Omniglot and CIFAR-FS).
         init_bias: initial ``beta``.
-        channels_last: channels-last memory format for the backbone's weights and the image batches.
+        channels_last: deprecated; this module asks the Trainer for the
+            :class:`~lightning_meta.memory_format.ChannelsLast` callback (False here turns that off).
         optimizer: outer optimizer factory (the authors: Adam, lr 5e-3).
         lr_scheduler: optional; the authors halve the learning rate every 20 epochs of 100 episodes.
     """
@@ -66,7 +52,7 @@ class R2D2(EpisodicModule):
         learn_lambda: bool = True,
         init_scale: float = 1e-4,
         init_bias: float = 0.0,
-        channels_last: bool = True,
+        channels_last: bool | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -81,7 +67,11 @@ class R2D2(EpisodicModule):
         self.log_lambda = nn.Parameter(torch.tensor(math.log(init_lambda)), requires_grad=learn_lambda)
         self.scale = nn.Parameter(torch.tensor(float(init_scale)))
         self.bias = nn.Parameter(torch.tensor(float(init_bias)))
-        self.channels_last = channels_last
+        self.wants_channels_last = channels_last_argument("R2D2", channels_last, True)
+
+    def configure_callbacks(self) -> Any:
+        """Ask the Trainer for :class:`~lightning_meta.memory_format.ChannelsLast` when the module wants it."""
+        return channels_last_callbacks(self, super().configure_callbacks())
 
     @property
     def lam(self) -> Tensor:
@@ -89,8 +79,8 @@ class R2D2(EpisodicModule):
         return self.log_lambda.exp()
 
     def episode_logits(self, batch: EpisodeBatch) -> Tensor:
-        support, query = embed_episode(self.backbone, batch, self.channels_last)  # at least float32
-        with torch.autocast(support.device.type, enabled=False):
+        support, query = embed_episode(self.backbone, batch, False)  # at least float32
+        with solver_precision(support):
             x = torch.cat([support, torch.ones_like(support[..., :1])], dim=-1)
             y = support_onehot(batch.support_y, x.dtype)
             shots_total = x.shape[1]

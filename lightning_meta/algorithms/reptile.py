@@ -13,7 +13,8 @@ from torch.func import vmap
 from datamodules.episodes import EpisodeBatch
 
 from ..base import EpisodeOutput
-from ..functional import SGD, Adam, InnerOptimizer, Params, map_tasks, select_params
+from ..functional import Params, map_tasks, select_params
+from ..inner_optimizers import InnerOptimizer, resolve_inner_optimizer
 from .gradient import GradientModule
 
 
@@ -56,10 +57,7 @@ class Reptile(GradientModule):
         outer_lr_anneal: decay epsilon linearly to 0 over the trainer's estimated steps.
         transductive: evaluate queries together (True) or one at a time (False).
         task_batching: "loop", "vmap" or "auto".
-        channels_last: channels-last memory format for the backbone's weights and the image batches (see
-            :attr:`EpisodicModule.channels_last`). Off by default here: channels-last kernels round
-            differently with the thread count and the inner loop amplifies it, so DDP and single-process
-            test accuracy differed; the speed gain was small (benchmarks/RESULTS.md).
+        channels_last: deprecated, see :class:`~lightning_meta.algorithms.gradient.GradientModule`.
         adaptation_curve: return the query loss along the fine-tuning during validation and test.
         head: an explicit head after the backbone's embedding (the network is backbone then head).
         adapt: the parameters that fine-tune (and move with the meta-update): "all", "head", or name
@@ -81,29 +79,20 @@ class Reptile(GradientModule):
         outer_lr_anneal: bool = True,
         transductive: bool = True,
         task_batching: Literal["auto", "loop", "vmap"] = "loop",
-        channels_last: bool = False,
+        channels_last: bool | None = None,
         adaptation_curve: bool = True,
         head: nn.Module | None = None,
         adapt: str | list[str] = "all",
     ) -> None:
-        if isinstance(inner_optimizer, str) and inner_optimizer not in ("adam", "sgd"):
-            raise ValueError(
-                f"inner_optimizer={inner_optimizer!r} must be 'adam', 'sgd' or an InnerOptimizer "
-                "(lightning_meta.functional.SGD, MetaSGD, Momentum, Adam)"
-            )
         for name, value in (("inner_batch_size", inner_batch_size), ("inner_batch_size_eval", inner_batch_size_eval)):
             if value is not None and value < 1:
                 raise ValueError(f"{name}={value} must be >= 1")
-        rule = (
-            {"adam": Adam, "sgd": SGD}[inner_optimizer](inner_lr)
-            if isinstance(inner_optimizer, str)
-            else inner_optimizer
-        )
+        rule = resolve_inner_optimizer("Reptile", inner_optimizer, inner_lr)
         optimizer: OptimizerCallable = lambda params: torch.optim.SGD(params, lr=outer_lr)  # noqa: E731
         scheduler: LRSchedulerCallable | None = self._linear_to_zero if outer_lr_anneal else None
         super().__init__(backbone, head, rule, adapt, inner_steps, inner_steps_eval, task_batching, channels_last,
                          adaptation_curve, optimizer, scheduler)  # fmt: skip
-        self.inner_lr, self.inner_batch_size = inner_lr, inner_batch_size
+        self.inner_batch_size = inner_batch_size
         self.inner_batch_size_eval = inner_batch_size_eval or inner_batch_size
         self.outer_lr, self.transductive = outer_lr, transductive
 

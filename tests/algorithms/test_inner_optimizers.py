@@ -148,3 +148,38 @@ def test_a_non_positive_or_non_finite_inner_lr_is_a_clear_error(make):
 def test_maml_inner_lr_zero_names_the_parameter():
     with pytest.raises(ValueError, match="inner_lr"):
         MAML(MLP(), inner_lr=0.0)
+
+
+# ---------------------------------------------------------------------- inner_lr is sugar, resolved in one place
+def test_inner_lr_is_resolved_once_and_read_back_from_the_optimizer():
+    from lightning_meta import ANIL
+    from lightning_meta.inner_optimizers import LSLR, resolve_inner_optimizer
+
+    assert isinstance(resolve_inner_optimizer("X", None, 0.3), SGD)
+    assert isinstance(resolve_inner_optimizer("X", "adam", 0.3), Adam)
+    per_step = resolve_inner_optimizer("X", None, 0.3, learn=True, per_step=4)
+    assert isinstance(per_step, LSLR) and isinstance(per_step, MetaSGD) and per_step.steps == 4
+    with pytest.raises(ValueError, match="inner_optimizer='rmsprop' must be one of"):
+        resolve_inner_optimizer("X", "rmsprop", 0.3)
+    head = torch.nn.Linear(Conv4(hidden=8).embedding_dim, 5)
+    anil = ANIL(Conv4(hidden=8), head, inner_lr=0.3, inner_optimizer=Momentum(lr=0.05))
+    assert anil.inner_lr == 0.05  # the rate that runs, not the unused argument
+    maml = MAML(MLP(), inner_lr=0.2, learn_inner_lr=True)
+    assert maml.inner_lr == pytest.approx(0.2)
+    with torch.no_grad():
+        for lr in maml.inner_optimizer.lrs.values():
+            lr.fill_(0.5)
+    assert maml.inner_lr == pytest.approx(0.5)  # learned: never stale
+
+
+def test_meta_sgd_per_step_and_element_rates():
+    opt = MetaSGD(lr=0.1, per="element", steps=2)
+    p, g = {"w": torch.ones(3)}, {"w": torch.ones(3)}
+    opt.bind(p)
+    assert opt.lrs["w"].shape == (2, 3)
+    with torch.no_grad():
+        opt.lrs["w"][1].fill_(0.3)
+    torch.testing.assert_close(opt.step(p, g, None, 1)[0]["w"], torch.full((3,), 0.9))
+    torch.testing.assert_close(opt.step(p, g, None, 7)[0]["w"], torch.full((3,), 0.7))  # beyond: the last step's
+    with pytest.raises(ValueError, match="steps=0 must be >= 1"):
+        MetaSGD(steps=0)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from episode_factory import make_episodes
 
-from lightning_meta import MAML, Conv4
+from lightning_meta import MAML, ChannelsLast, Conv4
 
 if os.environ.get("LIGHTNING_META_REQUIRE_L2L"):
     import learn2learn as l2l
@@ -63,8 +63,9 @@ def learn2learn_gradient(batch, dtype, steps, first_order):
 
 def our_gradient(batch, dtype, steps, first_order, task_batching, channels_last):
     ours, reference = paired_models(dtype)
-    model = MAML(ours, inner_lr=0.4, inner_steps=steps, first_order=first_order, task_batching=task_batching,
-                 channels_last=channels_last)  # fmt: skip
+    model = MAML(ours, inner_lr=0.4, inner_steps=steps, first_order=first_order, task_batching=task_batching)
+    if channels_last:
+        ChannelsLast.convert(model)  # what the Trainer's callback does
     model.episode_loss(batch)[0].mean().backward()
     return flat_grads(layers(ours, reference)[0]).double()
 

@@ -12,7 +12,7 @@ from lightning_meta.algorithms.metanetwork import layer_augmented, log_and_sign,
 
 def tiny_model(**kwargs) -> MetaNetwork:
     torch.manual_seed(0)
-    return MetaNetwork(ways=3, backbone=nn.Linear(6, 8), embedding_dim=8, hidden=5, channels_last=False, **kwargs)
+    return MetaNetwork(ways=3, backbone=nn.Linear(6, 8), embedding_dim=8, hidden=5, **kwargs)
 
 
 def tiny_batch(shots=1, queries=2, seed=0) -> EpisodeBatch:

@@ -11,7 +11,7 @@ def test_one_outer_step_is_the_reptile_formula_by_hand():
     torch.manual_seed(0)
     net = nn.Linear(2, 1)
     model = Reptile(net, inner_lr=0.1, inner_steps=3, inner_batch_size=4, inner_optimizer="sgd", outer_lr=0.5,
-                    outer_lr_anneal=False, channels_last=False)  # fmt: skip
+                    outer_lr_anneal=False)  # fmt: skip
     g = torch.Generator().manual_seed(1)
     batch = EpisodeBatch(torch.randn(2, 4, 2, generator=g), torch.randn(2, 4, 1, generator=g),
                          torch.randn(2, 3, 2, generator=g), torch.randn(2, 3, 1, generator=g))  # fmt: skip
