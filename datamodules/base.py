@@ -169,7 +169,7 @@ class EpisodeLoader(_ResumablePosition, DataLoader):
             for batch in batches:
                 # Pin what the DataLoader did not build: with workers, its pinning thread saw only plans.
                 if self.pin_memory and (gathered or self.num_workers == 0):
-                    batch = EpisodeBatch(*(part.pin_memory() for part in batch))
+                    batch = batch.pin_memory()
                 self._handed_out += 1
                 yield batch
 
@@ -565,7 +565,7 @@ class EpisodicDataModule(pl.LightningDataModule):
             support_x, query_x = self.transform_images(batch.support_x), self.transform_images(batch.query_x)
             if self.trainer is not None and self.trainer.training:
                 support_x, query_x = self.augment_images(support_x), self.augment_images(query_x)
-            return EpisodeBatch(support_x, batch.support_y, query_x, batch.query_y)
+            return batch._replace(support_x=support_x, query_x=query_x)
         if isinstance(batch, LabelledBatch) and batch.images.dtype == torch.uint8:
             images = self.transform_images(batch.images)
             if self.trainer is not None and self.trainer.training:

@@ -14,7 +14,7 @@ from lightning.pytorch.utilities.parsing import collect_init_args
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
 
-from datamodules.episodes import EpisodeBatch, as_episode_batch
+from datamodules.episodes import EpisodeBatch, as_episode_batch, episode_ways
 
 from .backbones import to_channels_last
 from .backbones.inputs import check_backbone_fits_data
@@ -49,9 +49,9 @@ def embed_episode(backbone: nn.Module, batch: EpisodeBatch, channels_last: bool)
     return z[:, :shots_total], z[:, shots_total:]
 
 
-def support_onehot(support_y: Tensor, dtype: torch.dtype) -> Tensor:
-    """``[B, N*K, N]`` one-hot support labels; ``N`` is the episode's number of ways."""
-    return F.one_hot(support_y, int(support_y.max()) + 1).to(dtype)
+def support_onehot(batch: EpisodeBatch, dtype: torch.dtype) -> Tensor:
+    """``[B, N*K, N]`` one-hot support labels; ``N`` is the episodes' number of ways (:func:`episode_ways`)."""
+    return F.one_hot(batch.support_y, episode_ways(batch)).to(dtype)
 
 
 class AdaptationCurve(NamedTuple):

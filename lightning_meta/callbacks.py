@@ -30,7 +30,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from datamodules.episodes import EpisodeBatch, as_episode_batch
+from datamodules.episodes import EpisodeBatch, as_episode_batch, episode_ways
 from datamodules.files import format_bytes
 
 from .base import EpisodeOutput
@@ -42,14 +42,14 @@ def episode_grid(batch: EpisodeBatch, task: int = 0, padding: int = 2) -> Tensor
     Returns None for episodes that are not images (``[N*K, C, H, W]`` with 1 or 3 channels) with
     integer labels. Images outside [0, 1] (normalised inputs) are rescaled by the episode's range.
     """
-    support_x, support_y, query_x, query_y = (part[task].detach() for part in batch)
+    support_x, support_y, query_x, query_y = (part[task].detach() for part in batch.tensors)
     if support_x.dim() != 4 or support_x.shape[1] not in (1, 3) or support_y.is_floating_point():
         return None
     support_x, query_x = support_x.float(), query_x.float()
     low, high = torch.minimum(support_x.min(), query_x.min()), torch.maximum(support_x.max(), query_x.max())
     if low < 0 or high > 1:
         support_x, query_x = ((x - low) / (high - low).clamp_min(1e-12) for x in (support_x, query_x))
-    ways = int(torch.cat([support_y, query_y]).max()) + 1
+    ways = batch.ways or int(torch.cat([support_y, query_y]).max()) + 1
     rows = [(support_x[support_y == c], query_x[query_y == c]) for c in range(ways)]
     shots, queries = max(len(s) for s, _ in rows), max(len(q) for _, q in rows)
     columns = shots + 1 + queries  # the blank column between support and queries
@@ -257,7 +257,7 @@ def constant_prediction_loss(batch: Any) -> float | None:
         targets = episodes.query_y.detach().float()
         targets = targets.reshape(targets.shape[0], targets.shape[1], -1)  # [tasks, items, outputs]
         return float((targets - targets.mean(1, keepdim=True)).pow(2).mean())
-    ways = int(episodes.support_y.max()) + 1
+    ways = episode_ways(episodes)
     return math.log(ways) if ways > 1 else None
 
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from datamodules.base import LabelledBatch
-from datamodules.episodes import EpisodeBatch, as_episode_batch
+from datamodules.episodes import EpisodeBatch, as_episode_batch, episode_ways
 
 from ..backbones import Conv4, to_channels_last
 from ..base import EpisodicModule, at_least_float32, embed_episode
@@ -231,7 +231,7 @@ class PretrainedModule(EpisodicModule):
     def episode_logits(self, batch: EpisodeBatch) -> Tensor:
         batch = as_episode_batch(batch)
         support, query = embed_episode(self.backbone, batch, self.channels_last)
-        ways = int(batch.support_y.max()) + 1
+        ways = episode_ways(batch)
         with torch.enable_grad(), _fp32(support):
             head = self.fit_episode_head(self.episode_features(support.detach()), batch.support_y, ways)
         if not self.finetune_backbone or self.finetune_steps == 0:

@@ -17,7 +17,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from datamodules.episodes import EpisodeBatch
+from datamodules.episodes import EpisodeBatch, episode_ways
 
 from ..backbones import to_channels_last
 from ..base import AdaptationCurve, EpisodeOutput, EpisodicModule
@@ -362,7 +362,7 @@ class GradientModule(EpisodicModule):
             if shape in self._checked_shapes:
                 return
             self._checked_shapes.add(shape)
-        ways = int(batch.support_y.max()) + 1
+        ways = episode_ways(batch)
         if ways != outputs:
             raise self._mismatch(outputs, ways, "these episodes", f"or use a model trained for {ways} ways")
 

@@ -142,7 +142,7 @@ class MAML(GradientModule):
         per_task_backward = training and mode in ("loop", "batched")
         task = partial(self.task_loss, curve=curve)
         loss, predictions, curves = map_tasks(
-            self.together(task) if mode == "batched" else task, tuple(batch), mode,
+            self.together(task) if mode == "batched" else task, batch.tensors, mode,
             backward=meta_params if per_task_backward else None,
             backward_scale=self._loss_scale() if per_task_backward else 1.0, chunk=self.tasks_per_chunk,
         )  # fmt: skip

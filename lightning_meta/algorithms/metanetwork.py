@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from datamodules.episodes import EpisodeBatch
+from datamodules.episodes import EpisodeBatch, episode_ways
 
 from ..backbones import Conv4
 from ..base import EpisodeOutput, EpisodicModule, at_least_float32, embed_episode
@@ -193,11 +193,11 @@ class MetaNetwork(EpisodicModule):
         """Raise ValueError when the episodes have other ways than the model's ``ways``."""
         if batch.support_y.is_floating_point():
             raise ValueError("MetaNetwork classifies: support_y must hold integer class labels, not regression targets")
-        episode_ways = int(batch.support_y.max()) + 1
-        if episode_ways != self.ways:
+        ways = episode_ways(batch)
+        if ways != self.ways:
             raise ValueError(
-                f"ways={self.ways} but these episodes are {episode_ways}-way; set the model's ways to "
-                f"{episode_ways} or the datamodule's ways to {self.ways}"
+                f"ways={self.ways} but these episodes are {ways}-way; set the model's ways to "
+                f"{ways} or the datamodule's ways to {self.ways}"
             )
 
     def setup(self, stage: str) -> None:
