@@ -71,10 +71,10 @@ _TENSORS = ("support_x", "support_y", "query_x", "query_y")
 
 
 def as_episode_batch(batch: EpisodeBatch | tuple | list) -> EpisodeBatch:
-    """Accept an :class:`EpisodeBatch` or a plain 4-tuple ``(support_x, support_y, query_x, query_y)``."""
+    """Accept an :class:`EpisodeBatch` or a plain tuple ``(support_x, support_y, query_x, query_y[, ways])``."""
     if isinstance(batch, EpisodeBatch):
         return batch
-    if isinstance(batch, (tuple, list)) and len(batch) == 4:
+    if isinstance(batch, (tuple, list)) and len(batch) in (4, 5):
         return EpisodeBatch(*batch)
     raise TypeError(
         f"expected an EpisodeBatch or a 4-tuple (support_x, support_y, query_x, query_y), got {type(batch).__name__}"

@@ -40,8 +40,9 @@ from .backbones import (
     task_batch_norm,
 )
 from .base import AdaptationCurve, EpisodeOutput, EpisodicModule
+from .checkpoints import load_checkpoint
 from .functional import SGD, Adam, InnerOptimizer, MetaSGD, Momentum, forward_with, inner_loop, map_tasks, select_params
-from .inference import load_checkpoint, predict_episode, predict_folders
+from .inference import predict_episode, predict_folders
 from .precision import default_precision
 
 #: Base classes: subclass them, do not train them directly.

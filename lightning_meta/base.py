@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from typing import Any, NamedTuple, cast
 
@@ -17,7 +16,7 @@ from torchmetrics import MeanMetric, Metric
 from datamodules.episodes import EpisodeBatch, as_episode_batch, episode_ways
 
 from .backbones import to_channels_last
-from .backbones.inputs import check_backbone_fits_data
+from .checkpoints import check_class, record_class
 from .functional import adaptation_curve_steps  # noqa: F401  (re-exported)
 from .metrics import ConfidenceInterval95, episode_accuracy
 
@@ -246,36 +245,13 @@ class EpisodicModule(pl.LightningModule):
             return logits
         return at_least_float32(logits).softmax(-1)
 
-    def setup(self, stage: str) -> None:
-        """Check that the datamodule's inputs fit the backbone (images for an MLP, another image size)."""
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is not None:
-            check_backbone_fits_data(self.backbone, datamodule)
-
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        cls = type(self)
-        checkpoint["lightning_meta"] = {"class_path": f"{cls.__module__}.{cls.__qualname__}"}
+        record_class(checkpoint, self)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint written by an unrelated algorithm (a ProtoNet checkpoint into MAML)."""
-        written_by = checkpoint.get("lightning_meta", {}).get("class_path")
-        if written_by is None:  # written before classes were recorded
-            return
-        module_name, _, class_name = written_by.rpartition(".")
-        related = any(f"{c.__module__}.{c.__qualname__}" == written_by for c in type(self).__mro__)
-        if not related:
-            try:
-                writer = getattr(importlib.import_module(module_name), class_name)
-            except (ImportError, AttributeError):
-                writer = None
-            related = isinstance(writer, type) and issubclass(writer, type(self))
-        if not related:
-            raise ValueError(
-                f"this checkpoint was written by {class_name} ({written_by}) but the model is "
-                f"{type(self).__name__}; use the config of the algorithm that wrote it (e.g. configs/"
-                f"{class_name.lower()}/...), or load it with lightning_meta.load_checkpoint(path)"
-            )
+        check_class(checkpoint, type(self))
 
     def _check_grad_mode(self) -> None:
         if self.needs_grad_in_eval and torch.is_inference_mode_enabled():

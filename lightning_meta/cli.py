@@ -22,17 +22,21 @@ import datamodules  # noqa: F401  (registers the bundles for short names in YAML
 from datamodules import EpisodicDataModule
 
 from . import EpisodicModule, threads
+from .backbones.inputs import check_backbone_fits_data
 from .callbacks import EpisodeImages, EpisodesPerSecond, InterruptCheckpoint, default_callbacks, out_of_memory_message
 from .checkpoints import (  # noqa: F401  (find_best_checkpoint: its old home)
     TRUST_VARIABLE,
     EpisodicCheckpoint,
     allowed_globals,
+    check_class,
     claim_run_folders,
     find_best_checkpoint,
     find_checkpoint,
+    read_checkpoint,
     trusting,
     use_safe_checkpoint_io,
 )
+from .links import link_data_to_model, train_classes
 from .precision import default_precision
 from .runs import (
     config_differences,
@@ -47,27 +51,13 @@ from .runs import (
 
 def check_checkpoint_class(ckpt_path: str, configured: str) -> None:
     """Raise ValueError naming both classes unless the checkpoint's class is the configured one or a subclass."""
-    from .inference import checkpoint_class, read_checkpoint
-
-    checkpoint = read_checkpoint(ckpt_path)
-    if "lightning_meta" not in checkpoint and "_class_path" not in checkpoint.get("hyper_parameters", {}):
-        return  # an older checkpoint: the module's on_load_checkpoint decides
-    if checkpoint.get("hyper_parameters", {}).get("_class_path") == configured:
-        return  # written by the configured class (also a meta-RL module, which is no EpisodicModule)
-    written_by = checkpoint_class(checkpoint, ckpt_path)
     module_name, _, class_name = configured.rpartition(".")
     try:
         model_class = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError):
         return  # jsonargparse reports a class it cannot import
-    if isinstance(model_class, type) and issubclass(written_by, model_class):
-        return
-    raise ValueError(
-        f"--ckpt_path {ckpt_path} was written by {written_by.__name__} "
-        f"({written_by.__module__}.{written_by.__qualname__}) but the model is {model_class.__name__} ({configured}); "
-        f"use the config of the algorithm that wrote it (e.g. configs/{written_by.__name__.lower()}/...), or pass "
-        "the checkpoint of a matching model"
-    )
+    if isinstance(model_class, type):
+        check_class(read_checkpoint(ckpt_path), model_class, f"--ckpt_path {ckpt_path}")
 
 
 _RESTRICTIONS = {
@@ -298,6 +288,8 @@ class MetaCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         rank_zero_info(threads.describe())
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.get("model") is not None and config.get("data") is not None:
+            link_data_to_model(config["model"], config["data"])  # the data states the shapes once
         trainer = config.get("trainer")
         if trainer is not None and trainer.get("precision") is not None:
             check_precision(trainer.get("precision"))
@@ -310,6 +302,10 @@ class MetaCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # The pre-training classifier (Baseline, RFS) has one output per training class, which only the
+        # built datamodule knows; modules without num_classes ignore the link.
+        parser.link_arguments("data", "model.init_args.num_classes", compute_fn=train_classes, apply_on="instantiate")
+        parser.link_arguments("data.ways", "model.init_args.ways", apply_on="instantiate")
         parser.add_argument(
             "--trust_checkpoint",
             type=bool,
@@ -317,6 +313,12 @@ class MetaCLI(LightningCLI):
             help=f"Load checkpoints that name Python code to run (your own older files); by default checkpoints "
             f"are loaded as data only and such a file is refused. Same as {TRUST_VARIABLE}=1",
         )
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        backbone = getattr(self.model, "backbone", None)
+        if isinstance(backbone, torch.nn.Module):
+            check_backbone_fits_data(backbone, self.datamodule)  # an MLP on images, a head built for another size
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)

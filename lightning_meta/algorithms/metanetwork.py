@@ -200,21 +200,6 @@ class MetaNetwork(EpisodicModule):
                 f"{ways} or the datamodule's ways to {self.ways}"
             )
 
-    def setup(self, stage: str) -> None:
-        """Check the model's ``ways`` against the datamodule's episodes in the splits ``stage`` uses."""
-        super().setup(stage)
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is None or not hasattr(datamodule, "episode_shape"):
-            return
-        for split in {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, ()):
-            episode_ways = datamodule.episode_shape(split)[0]
-            if episode_ways != self.ways:
-                knob = "train_ways" if split == "train" and getattr(datamodule, "train_ways", None) else "ways"
-                raise ValueError(
-                    f"ways={self.ways} but the '{split}' episodes are {episode_ways}-way; set the model's ways "
-                    f"to {episode_ways} or the datamodule's {knob} to {self.ways}"
-                )
-
     def generate(self, gradient: Tensor, network: Literal["m", "d"]) -> Tensor:
         """Fast weights from gradients, coordinate-wise (each weight from its own gradient coordinates).
 
