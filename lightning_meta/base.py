@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, NamedTuple, cast
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities.parsing import collect_init_args
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
 
@@ -19,12 +17,6 @@ from .backbones import to_channels_last
 from .checkpoints import check_class, record_class
 from .functional import adaptation_curve_steps  # noqa: F401  (re-exported)
 from .metrics import ConfidenceInterval95, episode_accuracy
-
-_given_hyperparameters: Any
-try:  # set while LightningCLI instantiates a module; its hparams are then plain config dicts
-    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-except ImportError:  # pragma: no cover - older or newer Lightning
-    _given_hyperparameters = None
 
 
 def at_least_float32(x: Tensor) -> Tensor:
@@ -118,15 +110,13 @@ class EpisodicModule(pl.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
-        under_cli = _given_hyperparameters is not None and _given_hyperparameters.get() is not None
-        # Outside the CLI the arguments are live objects (modules, factories), which the checkpoint's
-        # state dict or nothing can hold; the CLI hands plain config dicts instead, which are kept.
-        ignore: list[str] = []
-        frame = inspect.currentframe()
-        if not under_cli and frame is not None:
-            ignore = ["optimizer", "lr_scheduler"]
-            ignore += [k for args in collect_init_args(frame, []) for k, v in args.items() if isinstance(v, nn.Module)]
-        self.save_hyperparameters(ignore=ignore, frame=frame)
+        self.save_hyperparameters()
+        # Outside the CLI the arguments are live objects (modules, optimizer factories), which the
+        # checkpoint's state dict or nothing holds and which are no data; the CLI hands their plain
+        # config dicts instead, which are kept (a checkpoint rebuilds its backbone from them).
+        live = [name for name, value in self.hparams.items() if isinstance(value, nn.Module) or callable(value)]
+        if live:
+            self.save_hyperparameters(ignore=live)
         self.backbone = backbone
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler

@@ -23,7 +23,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import yaml
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
@@ -226,19 +225,40 @@ class DivergenceError(RuntimeError):
     """Raised by :class:`DivergenceGuard` when the loss becomes non-finite or explodes."""
 
 
+#: The ``inner_lr`` of the shipped config of each (module, data) pair, for :class:`DivergenceGuard`'s
+#: message. Library code never reads the repository's ``configs/`` (a wheel install has none);
+#: ``tests/test_configs_table.py`` checks this table against them.
+SHIPPED_INNER_LR: dict[tuple[str, str], tuple[str, float]] = {
+    ("ANIL", "CIFARFS"): ("configs/anil/cifarfs_5w1s.yaml", 0.01),
+    ("ANIL", "FC100"): ("configs/anil/fc100_5w1s.yaml", 0.01),
+    ("ANIL", "MiniImageNet"): ("configs/anil/miniimagenet_5w1s.yaml", 0.01),
+    ("ANIL", "Omniglot"): ("configs/anil/omniglot_20w1s.yaml", 2.0),
+    ("MAML", "CIFARFS"): ("configs/maml/cifarfs_5w1s.yaml", 0.01),
+    ("MAML", "CUB"): ("configs/maml/cub_5w1s.yaml", 0.01),
+    ("MAML", "FC100"): ("configs/maml/fc100_5w1s.yaml", 0.01),
+    ("MAML", "Omniglot"): ("configs/maml/fomaml_omniglot_5w1s.yaml", 0.4),
+    ("MAML", "EpisodicImageFolder"): ("configs/maml/imagefolder_5w1s.yaml", 0.01),
+    ("MAML", "Learn2LearnTasks"): ("configs/maml/learn2learn_miniimagenet_5w1s.yaml", 0.01),
+    ("MAML", "MiniImageNet"): ("configs/maml/miniimagenet_5w1s.yaml", 0.01),
+    ("MAML", "Sinusoid"): ("configs/maml/sinusoid.yaml", 0.01),
+    ("MAML", "TieredImageNet"): ("configs/maml/tieredimagenet_5w1s.yaml", 0.01),
+    ("Reptile", "CIFARFS"): ("configs/reptile/cifarfs_5w1s.yaml", 0.001),
+    ("Reptile", "CUB"): ("configs/reptile/cub_5w1s.yaml", 0.001),
+    ("Reptile", "FC100"): ("configs/reptile/fc100_5w1s.yaml", 0.001),
+    ("Reptile", "EpisodicImageFolder"): ("configs/reptile/imagefolder_5w1s.yaml", 0.001),
+    ("Reptile", "Learn2LearnTasks"): ("configs/reptile/learn2learn_miniimagenet_5w1s.yaml", 0.001),
+    ("Reptile", "MiniImageNet"): ("configs/reptile/miniimagenet_5w1s.yaml", 0.001),
+    ("Reptile", "Omniglot"): ("configs/reptile/omniglot_20w1s.yaml", 0.0005),
+    ("Reptile", "Sinusoid"): ("configs/reptile/sinusoid.yaml", 0.02),
+    ("Reptile", "TieredImageNet"): ("configs/reptile/tieredimagenet_5w1s.yaml", 0.001),
+}
+
+
 def _config_value(pl_module: pl.LightningModule, datamodule: Any, key: str) -> tuple[str, Any] | None:
-    """``(config path, value)`` of ``key`` in the repository's config for this algorithm and data, if there is one."""
-    folder = Path(__file__).resolve().parents[1] / "configs" / type(pl_module).__name__.lower()
-    data_name = type(datamodule).__name__ if datamodule is not None else None
-    for path in sorted(folder.glob("*.yaml")) if data_name else []:
-        try:
-            config = yaml.safe_load(path.read_text())
-            if str(config["data"]["class_path"]).split(".")[-1] == data_name:
-                value = config["model"]["init_args"][key]
-                return f"configs/{folder.name}/{path.name}", value
-        except (OSError, yaml.YAMLError, KeyError, TypeError):
-            continue
-    return None
+    """``(config path, value)`` of ``inner_lr`` in the shipped config for this algorithm and data, if there is one."""
+    if key != "inner_lr" or datamodule is None:
+        return None
+    return SHIPPED_INNER_LR.get((type(pl_module).__name__, type(datamodule).__name__))
 
 
 def constant_prediction_loss(batch: Any) -> float | None:

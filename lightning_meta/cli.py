@@ -15,11 +15,12 @@ from typing import Any, NoReturn
 import torch
 import yaml
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 
 import datamodules  # noqa: F401  (registers the bundles for short names in YAML)
 from datamodules import EpisodicDataModule
+from datamodules.files import atomic_file
 
 from . import EpisodicModule, threads
 from .backbones.inputs import check_backbone_fits_data
@@ -36,7 +37,7 @@ from .checkpoints import (  # noqa: F401  (find_best_checkpoint: its old home)
     trusting,
     use_safe_checkpoint_io,
 )
-from .links import link_data_to_model, train_classes
+from .links import link_data_to_model, link_train_classes
 from .precision import default_precision
 from .runs import (
     config_differences,
@@ -268,6 +269,56 @@ class MetaArgumentParser(LightningArgumentParser):
         self.exit(2)
 
 
+#: Data settings that make episodes of another kind: a fit may not resume with them changed.
+EPISODE_SETTINGS = ("ways", "shots", "queries", "image_size", "train_ways", "train_shots", "train_queries")
+#: The option that lets a fit resume with changed episode settings anyway.
+ALLOW_EPISODE_CHANGES = "--allow_episode_changes true"
+
+
+def check_resumed_episodes(checkpoint: dict[str, Any], data: Any, ckpt_path: str) -> None:
+    """Raise ValueError when ``data`` has other episode settings than the data ``checkpoint`` was trained on.
+
+    A resumed fit continues the run's data position and its checkpoints' ranking by ``val/acc``;
+    with other ways, shots, queries or image size both would mix two experiments in one run.
+    """
+    saved = checkpoint.get("datamodule_hyper_parameters") or {}
+    hparams = getattr(data, "hparams", None) or {}
+    for key in EPISODE_SETTINGS:
+        if key in saved and key in hparams and saved[key] != hparams[key]:
+            raise ValueError(
+                f"--data.{key}={hparams[key]} but {ckpt_path} was trained with {key}={saved[key]}; resuming a fit "
+                f"with other episodes would mix two experiments in one run; keep --data.{key} {saved[key]}, or start "
+                f"a new fit from its weights (e.g. fine-tune in Python after lightning_meta.load_checkpoint), or pass "
+                f"{ALLOW_EPISODE_CHANGES} if you really mean to continue this run with other episodes"
+            )
+
+
+class AtomicSaveConfigCallback(SaveConfigCallback):
+    """Lightning's SaveConfigCallback, writing ``config.yaml`` atomically (temporary file, fsync, rename).
+
+    A crash or a full disk while it writes leaves the previous ``config.yaml`` (or none), never half of
+    one. Remote folders (``s3://``) and multi-file configs keep Lightning's writer.
+    """
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.already_saved or not self.save_to_log_dir or self.multifile or not self.overwrite:
+            super().setup(trainer, pl_module, stage)
+            return
+        log_dir = trainer.log_dir  # broadcast from rank 0: every rank calls it
+        if log_dir is None or "://" in log_dir:
+            super().setup(trainer, pl_module, stage)
+            return
+        if trainer.is_global_zero:
+            path = Path(log_dir, self.config_filename)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            text = self.parser.dump(self.config, skip_none=False)
+            with atomic_file(path, "config", text=True) as f:
+                f.write(text)
+            self.save_config(trainer, pl_module, stage)
+            self.already_saved = True
+        self.already_saved = trainer.strategy.broadcast(self.already_saved)
+
+
 class MetaCLI(LightningCLI):
     """LightningCLI with the defaults few-shot training needs.
 
@@ -302,10 +353,6 @@ class MetaCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # The pre-training classifier (Baseline, RFS) has one output per training class, which only the
-        # built datamodule knows; modules without num_classes ignore the link.
-        parser.link_arguments("data", "model.init_args.num_classes", compute_fn=train_classes, apply_on="instantiate")
-        parser.link_arguments("data.ways", "model.init_args.ways", apply_on="instantiate")
         parser.add_argument(
             "--trust_checkpoint",
             type=bool,
@@ -313,9 +360,18 @@ class MetaCLI(LightningCLI):
             help=f"Load checkpoints that name Python code to run (your own older files); by default checkpoints "
             f"are loaded as data only and such a file is refused. Same as {TRUST_VARIABLE}=1",
         )
+        parser.add_argument(
+            "--allow_episode_changes",
+            type=bool,
+            default=False,
+            help="Let `fit --ckpt_path` resume with other episode settings (ways, shots, queries, image_size) than "
+            "the checkpoint's; by default that is refused",
+        )
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
+        if self.subcommand in (None, "fit"):
+            link_train_classes(self.model, self.datamodule)
         backbone = getattr(self.model, "backbone", None)
         if isinstance(backbone, torch.nn.Module):
             check_backbone_fits_data(backbone, self.datamodule)  # an MLP on images, a head built for another size
@@ -387,6 +443,9 @@ class MetaCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._resolve(("last",))
+        ckpt_path = self.config_init["fit"].get("ckpt_path")
+        if ckpt_path and not self.config_init["fit"].get("allow_episode_changes") and Path(ckpt_path).is_file():
+            check_resumed_episodes(read_checkpoint(ckpt_path), self.datamodule, str(ckpt_path))
         self._fit_start = time.perf_counter()
         run = getattr(self, "_resumed_run", None)
         saved = Path(run, "config.yaml") if run is not None else None
@@ -531,6 +590,7 @@ def make_cli(args: list[str] | None = None, run: bool = True) -> MetaCLI:
         subclass_mode_data=True,
         seed_everything_default=0,
         trainer_defaults=trainer_defaults,
+        save_config_callback=AtomicSaveConfigCallback,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"description": HELP, "predict": {"description": PREDICT_HELP}},
         parser_class=MetaArgumentParser,

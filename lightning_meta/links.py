@@ -7,7 +7,7 @@ backbone ``out_features`` or explicit head, a module's own ``ways``), its ``imag
 :class:`~lightning_meta.Aggregate`'s members too). A model setting left unset, or at its class's
 default, is filled in; one stated with another value than the data's stops the run at start with
 the two options named. ``num_train_classes`` needs the bundle's files, so the CLI links it to the
-pre-training classifier when the datamodule is built (:func:`train_classes`).
+pre-training classifier once the datamodule is built (:func:`link_train_classes`).
 """
 
 from __future__ import annotations
@@ -132,15 +132,24 @@ def link_data_to_model(model: Any, data: Any) -> None:
             _set(backbone, backbone_cls, "out_features", shapes["ways"], f"{where}.init_args.backbone", "ways")
 
 
-def train_classes(data: Any) -> int | None:
-    """The number of training classes of a built datamodule that pre-trains on labelled batches, else None.
+def link_train_classes(model: Any, data: Any) -> None:
+    """Give a built pre-training module (Baseline, RFS) one classifier output per training class of ``data``.
 
-    Linked to the model's ``num_classes`` (the pre-training classifier of Baseline and RFS); None
-    leaves a module's own default.
+    For a datamodule that pre-trains on labelled batches (``train_batches="labelled"``), whose
+    ``num_train_classes`` needs the training split, so it is linked once both are built (a plain
+    ``link_arguments`` would hand ``num_classes`` to every module, and to the hyperparameters of
+    their checkpoints). A model without a classifier gets one; one with another count is refused.
     """
-    if getattr(data, "train_batches", None) != "labelled":
-        return None
-    return int(data.num_train_classes)
+    if getattr(data, "train_batches", None) != "labelled" or not hasattr(model, "num_classes"):
+        return
+    classes = int(data.num_train_classes)
+    if model.num_classes is None:
+        model._build_classifier(classes)  # also records num_classes in the hyperparameters
+    elif model.num_classes != classes:
+        raise ValueError(
+            f"--model.init_args.num_classes={model.num_classes} but the training split of {type(data).__name__} "
+            f"has {classes} classes; drop num_classes (the CLI takes it from the data)"
+        )
 
 
-__all__ = ["BACKBONE_LINKS", "data_shapes", "link_data_to_model", "train_classes"]
+__all__ = ["BACKBONE_LINKS", "data_shapes", "link_data_to_model", "link_train_classes"]

@@ -148,12 +148,12 @@ def test_born_again_generation_distils_from_a_checkpoint(fake_omniglot, tmp_path
                         test_episodes=2, train_batches="labelled", batch_size=8)  # fmt: skip
 
     torch.manual_seed(0)
-    first = RFS(Conv4(), head_steps=5)
+    first = RFS(Conv4(), head_steps=5, num_classes=data().num_train_classes)
     fit = trainer(max_steps=2)
     fit.fit(first, data())
     path = tmp_path / "gen0.ckpt"
     fit.save_checkpoint(path)
-    second = RFS(Conv4(), head_steps=5, teacher=str(path))
+    second = RFS(Conv4(), head_steps=5, teacher=str(path), num_classes=data().num_train_classes)
     trainer(max_steps=2).fit(second, data())
     assert second.teacher is not None and not second.teacher.training
     teacher_weights = dict(second.teacher.named_parameters())
