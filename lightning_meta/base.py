@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple, cast
 
 import lightning.pytorch as pl
@@ -110,10 +111,13 @@ class EpisodicModule(pl.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
         # Outside the CLI the arguments are live objects (modules, optimizer factories), which the
-        # checkpoint's state dict or nothing holds and which are no data; the CLI hands their plain
-        # config dicts instead, which are kept (a checkpoint rebuilds its backbone from them).
+        # checkpoint's state dict or nothing holds and which are no data: saved once to see them,
+        # then again without them. The CLI hands their plain config dicts instead, which are kept
+        # (a checkpoint rebuilds its backbone from them).
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Attribute '\w+' is an instance of `nn.Module`")
+            self.save_hyperparameters()
         live = [name for name, value in self.hparams.items() if isinstance(value, nn.Module) or callable(value)]
         if live:
             self.save_hyperparameters(ignore=live)
