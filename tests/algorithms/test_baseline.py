@@ -72,7 +72,7 @@ def test_evaluation_episodes_are_protonets(omniglot_cache, tmp_path, monkeypatch
         assert dm.train_batches == "labelled"
         for split in ("val_dataloader", "test_dataloader"):
             for a, b in zip(getattr(reference, split)(), getattr(dm, split)(), strict=True):
-                assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+                assert a.ways == b.ways and all(torch.equal(x, y) for x, y in zip(a.tensors, b.tensors, strict=True))
 
 
 def test_labelled_batches_cover_every_training_class_in_disjoint_ddp_shards(omniglot_cache, monkeypatch):

@@ -29,7 +29,7 @@ def test_adapt_lowers_the_support_loss_and_is_differentiable():
 def test_second_order_differs_from_first_order_and_matches_finite_differences():
     torch.manual_seed(0)
     backbone = MLP(hidden=(8,)).double()
-    batch = EpisodeBatch(*(t.double() for t in sine_batch(tasks=2)))
+    batch = EpisodeBatch(*(t.double() for t in sine_batch(tasks=2).tensors))
     grads = {}
     for first_order in (False, True):
         model = MAML(backbone, inner_lr=0.1, first_order=first_order).double()
