@@ -265,8 +265,8 @@ def constant_prediction_loss(batch: Any) -> float | None:
     """The loss of a constant prediction on a batch of episodes: what any sane first step stays near.
 
     ``log(ways)`` for classification (uniform class probabilities), the mean squared deviation of
-    the query targets from their task's mean for regression, None for other batches. Reads the
-    labels on the host (one sync), so it is meant for the first step only.
+    the query targets from their task's mean for regression, None for other batches. The
+    regression value is read on the host (one sync), so it is meant for the first step only.
     """
     if not (isinstance(batch, EpisodeBatch) or (isinstance(batch, tuple | list) and len(batch) == 4)):
         return None

@@ -323,6 +323,10 @@ class MetaCLI(LightningCLI):
     """LightningCLI with the defaults few-shot training needs.
 
     - ``trainer.inference_mode=False``: MAML and Reptile adapt with gradients during evaluation.
+    - The data sizes the model (:mod:`lightning_meta.links`): ``ways`` the heads, ``image_size`` and
+      ``channels`` the backbones, ``num_train_classes`` the pre-training classifier; a model setting
+      that disagrees stops the run at start. ``config.yaml`` is written atomically, and ``fit
+      --ckpt_path`` refuses other episode settings than the checkpoint's (``--allow_episode_changes``).
     - A checkpoint callback on ``val/acc`` (see :class:`EpisodicCheckpoint`), an
       :class:`~lightning_meta.callbacks.InterruptCheckpoint` (``interrupted.ckpt`` on Ctrl-C) and
       the callbacks of :func:`~lightning_meta.callbacks.default_callbacks` (episode images,
