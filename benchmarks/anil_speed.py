@@ -62,7 +62,7 @@ def full_network(s: dict) -> Conv4:
 def make_step(method: str, s: dict, bf16: bool, device: torch.device, train: bool = True) -> Callable[[], None]:
     torch.manual_seed(0)
     batch = random_episodes(s["tasks"], s["ways"], s["shots"], s["queries"], (s["channels"], s["size"], s["size"]))
-    batch = batch._replace(**{k: v.to(device) for k, v in batch._asdict().items()})
+    batch = batch._replace(**{k: v.to(device) for k, v in batch._asdict().items() if k != "ways"})
     body = Conv4(s["channels"], s["hidden"], s["size"], None, s["pooling"], track_running_stats=False)
     head = nn.Linear(body.embedding_dim, s["ways"])
     if method == "learn2learn ANIL":

@@ -103,7 +103,7 @@ def make_step(args: argparse.Namespace, backbone: str, method: str, impl: str, p
 
     classifier = l2l.nn.PrototypicalClassifier(distance="euclidean")
     optimizer = torch.optim.Adam(net.parameters(), 1e-3)
-    sx, sy, qx, qy = (part[0] for part in batch)
+    sx, sy, qx, qy = (part[0] for part in batch.tensors)
 
     def step() -> None:
         optimizer.zero_grad()

@@ -45,7 +45,7 @@ METHODS = [
 def make_step(method: str, args: argparse.Namespace, device: torch.device) -> Callable[[], None]:
     torch.manual_seed(0)
     batch = random_episodes(args.tasks, args.ways, args.shots, args.queries, (3, args.size, args.size))
-    batch = batch._replace(**{k: v.to(device) for k, v in batch._asdict().items()})
+    batch = batch._replace(**{k: v.to(device) for k, v in batch._asdict().items() if k != "ways"})
     if method.startswith("learn2learn"):
         import learn2learn as l2l
 

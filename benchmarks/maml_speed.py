@@ -53,7 +53,7 @@ VARIANTS = [
 
 def make_batch(s: dict, device: str = "cpu"):
     batch = random_episodes(s["tasks"], s["ways"], s["shots"], s["queries"], (s["channels"], s["size"], s["size"]))
-    return type(batch)(*(t.to(device) for t in batch))
+    return batch._replace(**{k: v.to(device) for k, v in batch._asdict().items() if k != "ways"})
 
 
 def cpu_features() -> str:

@@ -108,7 +108,7 @@ def as_float(dm: Any, batch: EpisodeBatch) -> EpisodeBatch:
 
 def fingerprint(batch: EpisodeBatch) -> list[float]:
     """Enough of a batch to tell two batches apart: sums of its images and labels, in float64."""
-    return [float(t.double().sum()) for t in batch] + [float(batch.support_x.flatten()[::7].double().sum())]
+    return [float(t.double().sum()) for t in batch[:4]] + [float(batch.support_x.flatten()[::7].double().sum())]
 
 
 def train_stream(dm: Any, n: int) -> Iterator[EpisodeBatch]:

@@ -30,8 +30,8 @@ VARIANTS = ["learn2learn fp32", "easyfsl fp32", "ours fp32", "ours fp32 nchw", "
 def make_step(variant: str, ways: int, shots: int, queries: int, device: str = "cpu"):
     torch.manual_seed(0)
     batch = random_episodes(1, ways, shots, queries, (1, 28, 28))
-    batch = type(batch)(*(t.to(device) for t in batch))
-    sx, sy, qx, qy = (t[0] for t in batch)
+    batch = batch._replace(**{k: v.to(device) for k, v in batch._asdict().items() if k != "ways"})
+    sx, sy, qx, qy = (t[0] for t in batch.tensors)
     if variant.startswith(("learn2learn", "easyfsl")):
         import learn2learn as l2l
 

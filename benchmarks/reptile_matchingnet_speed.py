@@ -90,7 +90,7 @@ def matching_step(variant: str, ways: int, shots: int, queries: int):
 
         model = MatchingNetworks(Conv4(1, 64, 28, pooling="max"), feature_dimension=64)
         optimizer = torch.optim.Adam(model.parameters(), 1e-3)
-        sx, sy, qx, qy = (t[0] for t in batch)
+        sx, sy, qx, qy = (t[0] for t in batch.tensors)
 
         def step() -> None:
             optimizer.zero_grad()

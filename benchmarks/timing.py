@@ -18,6 +18,7 @@ def random_episodes(tasks: int, ways: int, shots: int, queries: int, shape: tupl
         torch.arange(ways).repeat_interleave(shots).expand(tasks, -1).contiguous(),
         torch.rand(tasks, ways * queries, *shape, generator=g),
         torch.arange(ways).repeat_interleave(queries).expand(tasks, -1).contiguous(),
+        ways,
     )
 
 

@@ -4,7 +4,7 @@ from .base import EmptySplitError, EpisodeLoader, EpisodicDataModule, LabelledBa
 from .cifar import CIFARFS, FC100
 from .cub import CUB
 from .download import DownloadError
-from .episodes import ClassEpisodeSampler, ClassImages, EpisodeBatch, EpisodeStream, as_episode_batch
+from .episodes import ClassEpisodeSampler, ClassImages, EpisodeBatch, EpisodeStream, as_episode_batch, episode_ways
 from .imagefolder import EpisodicImageFolder
 from .learn2learn_tasks import Learn2LearnTasks
 from .miniimagenet import MiniImageNet
@@ -34,4 +34,5 @@ __all__ = [
     "StreamDataModule",
     "TieredImageNet",
     "as_episode_batch",
+    "episode_ways",
 ]

@@ -217,7 +217,7 @@ class EpisodicDataModule(StreamDataModule):
             support_x, query_x = self.transform_images(batch.support_x), self.transform_images(batch.query_x)
             if self.trainer is not None and self.trainer.training:
                 support_x, query_x = self.augment_images(support_x), self.augment_images(query_x)
-            return EpisodeBatch(support_x, batch.support_y, query_x, batch.query_y)
+            return batch._replace(support_x=support_x, query_x=query_x)
         if isinstance(batch, LabelledBatch) and batch.images.dtype == torch.uint8:
             images = self.transform_images(batch.images)
             if self.trainer is not None and self.trainer.training:

@@ -27,35 +27,72 @@ _ONE_GATHER_BYTES = 1 << 24
 class EpisodeBatch(NamedTuple):
     """A batch of few-shot episodes with a leading task dimension ``B``.
 
+    The sampler that draws the episodes says how many classes they have (``ways``), so a module
+    never reads it back from the labels (which would wait for the device). A batch built by hand
+    may leave it out: :func:`episode_ways` then counts the labels once.
+
     Attributes:
         support_x: ``[B, N*K, C, H, W]`` images (uint8 from the sampler, float after transfer),
             or ``[B, N*K, D]`` features for regression tasks.
         support_y: ``[B, N*K]`` labels in ``0..N-1`` (or ``[B, N*K, D]`` regression targets).
         query_x: ``[B, N*Q, ...]`` like ``support_x``.
         query_y: ``[B, N*Q]`` like ``support_y``.
+        ways: ``N``, the classes of every episode of the batch; None for regression tasks and for
+            batches built without it.
     """
 
     support_x: Tensor
     support_y: Tensor
     query_x: Tensor
     query_y: Tensor
+    ways: int | None = None
 
     @property
     def num_tasks(self) -> int:
         """The number of episodes ``B`` in the batch."""
         return self.support_x.shape[0]
 
+    @property
+    def task(self) -> str:
+        """The kind of task: ``"classification"`` (integer labels) or ``"regression"`` (float targets)."""
+        return "regression" if self.support_y.is_floating_point() else "classification"
+
+    @property
+    def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(support_x, support_y, query_x, query_y)``, without ``ways``: for code that maps over the tensors."""
+        return self.support_x, self.support_y, self.query_x, self.query_y
+
+    def pin_memory(self) -> EpisodeBatch:
+        """The batch with its tensors in pinned memory (the DataLoader's pinning calls this)."""
+        return self._replace(**{name: getattr(self, name).pin_memory() for name in _TENSORS})
+
+
+_TENSORS = ("support_x", "support_y", "query_x", "query_y")
+
 
 def as_episode_batch(batch: EpisodeBatch | tuple | list) -> EpisodeBatch:
-    """Accept an :class:`EpisodeBatch` or a plain 4-tuple ``(support_x, support_y, query_x, query_y)``."""
+    """Accept an :class:`EpisodeBatch` or a plain tuple ``(support_x, support_y, query_x, query_y[, ways])``."""
     if isinstance(batch, EpisodeBatch):
         return batch
-    if isinstance(batch, (tuple, list)) and len(batch) == 4:
+    if isinstance(batch, (tuple, list)) and len(batch) in (4, 5):
         return EpisodeBatch(*batch)
     raise TypeError(
         f"expected an EpisodeBatch or a 4-tuple (support_x, support_y, query_x, query_y), got {type(batch).__name__}"
         + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
     )
+
+
+def episode_ways(batch: EpisodeBatch) -> int:
+    """The number of classes ``N`` of a classification batch's episodes.
+
+    ``batch.ways`` as the sampler set it; for a batch built by hand without it, one more than the
+    largest support label, which waits for the device once.
+    """
+    if batch.ways is not None:
+        return batch.ways
+    if batch.support_y.is_floating_point():
+        raise ValueError("this batch holds regression targets (float support_y), which have no ways")
+    return int(batch.support_y.max()) + 1 if batch.support_y.numel() else 0
 
 
 def episode_seed(*parts: int | str) -> int:
@@ -183,6 +220,7 @@ class ClassEpisodeSampler:
             labels[:s].view(b, n * k),
             query.view(b, n * q, *shape),
             labels[s:].view(b, n * q),
+            n,
         )
 
     def sample(self, num_tasks: int, generator: torch.Generator) -> EpisodeBatch:
@@ -200,8 +238,10 @@ class ClassEpisodeSampler:
 
 
 def collate_episodes(batches: list[EpisodeBatch]) -> EpisodeBatch:
-    """Concatenate episode batches along the task dimension."""
-    return EpisodeBatch(*(torch.cat(parts) for parts in zip(*batches, strict=True)))
+    """Concatenate episode batches (of the same ``ways``) along the task dimension."""
+    support_x, support_y, query_x, query_y = (torch.cat(parts) for parts in zip(*(b.tensors for b in batches),
+                                                                                 strict=True))  # fmt: skip
+    return EpisodeBatch(support_x, support_y, query_x, query_y, batches[0].ways)
 
 
 @dataclass(frozen=True)

@@ -323,6 +323,10 @@ class CachedImageBundle(EpisodicDataModule):
     cache_name: ClassVar[str] = "images"
     #: Bump when the cached content of a bundle changes meaning.
     cache_version: ClassVar[int] = 1
+    #: Channels of the cached images: 3 (RGB) or 1 (grayscale). A bundle that takes ``channels`` sets it per instance.
+    channels: int = 3
+    #: Whether a decoded file is inverted (``255 - v``) before caching (Omniglot's light strokes on dark).
+    invert: bool = False
 
     def __init__(
         self,
@@ -340,6 +344,22 @@ class CachedImageBundle(EpisodicDataModule):
         self.augment, self.cache_dir = augment, cache_dir
         self._loaded: dict[str, ClassImages] = {}
         self._built: list[Path] = []  # caches written by this process, named once by prepare_data
+
+    def preprocessing(self) -> dict[str, Any]:
+        """How an image file becomes model input here, as plain data (saved in the hyperparameters).
+
+        ``image_size`` (the square a file is resized to), ``channels`` (1: grayscale, 3: RGB),
+        ``invert`` (``255 - v`` after decoding), and the model input: ``v / 255``, then
+        ``(x - mean) / std`` per channel where ``mean`` and ``std`` are given (None: not normalised).
+        :func:`lightning_meta.inference.predict_folders` reads a checkpoint's images with it.
+        """
+        return {"image_size": self.image_size, "channels": self.channels, "invert": self.invert, "mean": None,
+                "std": None}  # fmt: skip
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        # Here rather than in __init__: a subclass sets channels and invert after this class's __init__.
+        self.hparams["preprocessing"] = self.preprocessing()
 
     # ------------------------------------------------------------------ hooks for subclasses
     def source_files(self, split: str) -> list[Path]:

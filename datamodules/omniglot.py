@@ -143,6 +143,8 @@ class Omniglot(CachedImageBundle):
 
     cache_name = "omniglot"
     cache_version = 2
+    channels = 1
+    invert = True  # the official PNGs are dark strokes on white; the cache holds light strokes on dark
 
     def __init__(
         self,

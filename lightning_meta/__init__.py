@@ -38,8 +38,9 @@ from .backbones import (
     task_batch_norm,
 )
 from .base import AdaptationCurve, EpisodeOutput, EpisodicModule
+from .checkpoints import load_checkpoint
 from .functional import SGD, Adam, InnerOptimizer, MetaSGD, Momentum, forward_with, inner_loop, map_tasks, select_params
-from .inference import load_checkpoint, predict_episode, predict_folders
+from .inference import predict_episode, predict_folders
 from .memory_format import ChannelsLast
 from .precision import default_precision
 from .rl import MAMLRL, RL2  # meta-RL (not EpisodicModules)

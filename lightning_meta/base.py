@@ -2,30 +2,22 @@
 
 from __future__ import annotations
 
-import importlib
-import inspect
+import warnings
 from typing import Any, NamedTuple, cast
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities.parsing import collect_init_args
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
 
-from datamodules.episodes import EpisodeBatch, as_episode_batch
+from datamodules.episodes import EpisodeBatch, as_episode_batch, episode_ways
 
 from .backbones import to_channels_last
-from .backbones.inputs import check_backbone_fits_data
+from .checkpoints import check_class, record_class
 from .functional import adaptation_curve_steps  # noqa: F401  (re-exported)
 from .metrics import ConfidenceInterval95, episode_accuracy
-
-_given_hyperparameters: Any
-try:  # set while LightningCLI instantiates a module; its hparams are then plain config dicts
-    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-except ImportError:  # pragma: no cover - older or newer Lightning
-    _given_hyperparameters = None
 
 
 def at_least_float32(x: Tensor) -> Tensor:
@@ -49,9 +41,9 @@ def embed_episode(backbone: nn.Module, batch: EpisodeBatch, channels_last: bool)
     return z[:, :shots_total], z[:, shots_total:]
 
 
-def support_onehot(support_y: Tensor, dtype: torch.dtype) -> Tensor:
-    """``[B, N*K, N]`` one-hot support labels; ``N`` is the episode's number of ways."""
-    return F.one_hot(support_y, int(support_y.max()) + 1).to(dtype)
+def support_onehot(batch: EpisodeBatch, dtype: torch.dtype) -> Tensor:
+    """``[B, N*K, N]`` one-hot support labels; ``N`` is the episodes' number of ways (:func:`episode_ways`)."""
+    return F.one_hot(batch.support_y, episode_ways(batch)).to(dtype)
 
 
 class AdaptationCurve(NamedTuple):
@@ -119,15 +111,16 @@ class EpisodicModule(pl.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
-        under_cli = _given_hyperparameters is not None and _given_hyperparameters.get() is not None
-        # Outside the CLI the arguments are live objects (modules, factories), which the checkpoint's
-        # state dict or nothing can hold; the CLI hands plain config dicts instead, which are kept.
-        ignore: list[str] = []
-        frame = inspect.currentframe()
-        if not under_cli and frame is not None:
-            ignore = ["optimizer", "lr_scheduler"]
-            ignore += [k for args in collect_init_args(frame, []) for k, v in args.items() if isinstance(v, nn.Module)]
-        self.save_hyperparameters(ignore=ignore, frame=frame)
+        # Outside the CLI the arguments are live objects (modules, optimizer factories), which the
+        # checkpoint's state dict or nothing holds and which are no data: saved once to see them,
+        # then again without them. The CLI hands their plain config dicts instead, which are kept
+        # (a checkpoint rebuilds its backbone from them).
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Attribute '\w+' is an instance of `nn.Module`")
+            self.save_hyperparameters()
+        live = [name for name, value in self.hparams.items() if isinstance(value, nn.Module) or callable(value)]
+        if live:
+            self.save_hyperparameters(ignore=live)
         self.backbone = backbone
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -246,36 +239,13 @@ class EpisodicModule(pl.LightningModule):
             return logits
         return at_least_float32(logits).softmax(-1)
 
-    def setup(self, stage: str) -> None:
-        """Check that the datamodule's inputs fit the backbone (images for an MLP, another image size)."""
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is not None:
-            check_backbone_fits_data(self.backbone, datamodule)
-
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        cls = type(self)
-        checkpoint["lightning_meta"] = {"class_path": f"{cls.__module__}.{cls.__qualname__}"}
+        record_class(checkpoint, self)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint written by an unrelated algorithm (a ProtoNet checkpoint into MAML)."""
-        written_by = checkpoint.get("lightning_meta", {}).get("class_path")
-        if written_by is None:  # written before classes were recorded
-            return
-        module_name, _, class_name = written_by.rpartition(".")
-        related = any(f"{c.__module__}.{c.__qualname__}" == written_by for c in type(self).__mro__)
-        if not related:
-            try:
-                writer = getattr(importlib.import_module(module_name), class_name)
-            except (ImportError, AttributeError):
-                writer = None
-            related = isinstance(writer, type) and issubclass(writer, type(self))
-        if not related:
-            raise ValueError(
-                f"this checkpoint was written by {class_name} ({written_by}) but the model is "
-                f"{type(self).__name__}; use the config of the algorithm that wrote it (e.g. configs/"
-                f"{class_name.lower()}/...), or load it with lightning_meta.load_checkpoint(path)"
-            )
+        check_class(checkpoint, type(self))
 
     def _check_grad_mode(self) -> None:
         if self.needs_grad_in_eval and torch.is_inference_mode_enabled():

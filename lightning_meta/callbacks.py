@@ -23,14 +23,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import yaml
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from datamodules.episodes import EpisodeBatch, as_episode_batch
+from datamodules.episodes import EpisodeBatch, as_episode_batch, episode_ways
 from datamodules.files import format_bytes
 
 from .base import EpisodeOutput
@@ -42,14 +41,14 @@ def episode_grid(batch: EpisodeBatch, task: int = 0, padding: int = 2) -> Tensor
     Returns None for episodes that are not images (``[N*K, C, H, W]`` with 1 or 3 channels) with
     integer labels. Images outside [0, 1] (normalised inputs) are rescaled by the episode's range.
     """
-    support_x, support_y, query_x, query_y = (part[task].detach() for part in batch)
+    support_x, support_y, query_x, query_y = (part[task].detach() for part in batch.tensors)
     if support_x.dim() != 4 or support_x.shape[1] not in (1, 3) or support_y.is_floating_point():
         return None
     support_x, query_x = support_x.float(), query_x.float()
     low, high = torch.minimum(support_x.min(), query_x.min()), torch.maximum(support_x.max(), query_x.max())
     if low < 0 or high > 1:
         support_x, query_x = ((x - low) / (high - low).clamp_min(1e-12) for x in (support_x, query_x))
-    ways = int(torch.cat([support_y, query_y]).max()) + 1
+    ways = batch.ways or int(torch.cat([support_y, query_y]).max()) + 1
     rows = [(support_x[support_y == c], query_x[query_y == c]) for c in range(ways)]
     shots, queries = max(len(s) for s, _ in rows), max(len(q) for _, q in rows)
     columns = shots + 1 + queries  # the blank column between support and queries
@@ -226,27 +225,48 @@ class DivergenceError(RuntimeError):
     """Raised by :class:`DivergenceGuard` when the loss becomes non-finite or explodes."""
 
 
+#: The ``inner_lr`` of the shipped config of each (module, data) pair, for :class:`DivergenceGuard`'s
+#: message. Library code never reads the repository's ``configs/`` (a wheel install has none);
+#: ``tests/test_configs_table.py`` checks this table against them.
+SHIPPED_INNER_LR: dict[tuple[str, str], tuple[str, float]] = {
+    ("ANIL", "CIFARFS"): ("configs/anil/cifarfs_5w1s.yaml", 0.01),
+    ("ANIL", "FC100"): ("configs/anil/fc100_5w1s.yaml", 0.01),
+    ("ANIL", "MiniImageNet"): ("configs/anil/miniimagenet_5w1s.yaml", 0.01),
+    ("ANIL", "Omniglot"): ("configs/anil/omniglot_20w1s.yaml", 2.0),
+    ("MAML", "CIFARFS"): ("configs/maml/cifarfs_5w1s.yaml", 0.01),
+    ("MAML", "CUB"): ("configs/maml/cub_5w1s.yaml", 0.01),
+    ("MAML", "FC100"): ("configs/maml/fc100_5w1s.yaml", 0.01),
+    ("MAML", "Omniglot"): ("configs/maml/fomaml_omniglot_5w1s.yaml", 0.4),
+    ("MAML", "EpisodicImageFolder"): ("configs/maml/imagefolder_5w1s.yaml", 0.01),
+    ("MAML", "Learn2LearnTasks"): ("configs/maml/learn2learn_miniimagenet_5w1s.yaml", 0.01),
+    ("MAML", "MiniImageNet"): ("configs/maml/miniimagenet_5w1s.yaml", 0.01),
+    ("MAML", "Sinusoid"): ("configs/maml/sinusoid.yaml", 0.01),
+    ("MAML", "TieredImageNet"): ("configs/maml/tieredimagenet_5w1s.yaml", 0.01),
+    ("Reptile", "CIFARFS"): ("configs/reptile/cifarfs_5w1s.yaml", 0.001),
+    ("Reptile", "CUB"): ("configs/reptile/cub_5w1s.yaml", 0.001),
+    ("Reptile", "FC100"): ("configs/reptile/fc100_5w1s.yaml", 0.001),
+    ("Reptile", "EpisodicImageFolder"): ("configs/reptile/imagefolder_5w1s.yaml", 0.001),
+    ("Reptile", "Learn2LearnTasks"): ("configs/reptile/learn2learn_miniimagenet_5w1s.yaml", 0.001),
+    ("Reptile", "MiniImageNet"): ("configs/reptile/miniimagenet_5w1s.yaml", 0.001),
+    ("Reptile", "Omniglot"): ("configs/reptile/omniglot_20w1s.yaml", 0.0005),
+    ("Reptile", "Sinusoid"): ("configs/reptile/sinusoid.yaml", 0.02),
+    ("Reptile", "TieredImageNet"): ("configs/reptile/tieredimagenet_5w1s.yaml", 0.001),
+}
+
+
 def _config_value(pl_module: pl.LightningModule, datamodule: Any, key: str) -> tuple[str, Any] | None:
-    """``(config path, value)`` of ``key`` in the repository's config for this algorithm and data, if there is one."""
-    folder = Path(__file__).resolve().parents[1] / "configs" / type(pl_module).__name__.lower()
-    data_name = type(datamodule).__name__ if datamodule is not None else None
-    for path in sorted(folder.glob("*.yaml")) if data_name else []:
-        try:
-            config = yaml.safe_load(path.read_text())
-            if str(config["data"]["class_path"]).split(".")[-1] == data_name:
-                value = config["model"]["init_args"][key]
-                return f"configs/{folder.name}/{path.name}", value
-        except (OSError, yaml.YAMLError, KeyError, TypeError):
-            continue
-    return None
+    """``(config path, value)`` of ``inner_lr`` in the shipped config for this algorithm and data, if there is one."""
+    if key != "inner_lr" or datamodule is None:
+        return None
+    return SHIPPED_INNER_LR.get((type(pl_module).__name__, type(datamodule).__name__))
 
 
 def constant_prediction_loss(batch: Any) -> float | None:
     """The loss of a constant prediction on a batch of episodes: what any sane first step stays near.
 
     ``log(ways)`` for classification (uniform class probabilities), the mean squared deviation of
-    the query targets from their task's mean for regression, None for other batches. Reads the
-    labels on the host (one sync), so it is meant for the first step only.
+    the query targets from their task's mean for regression, None for other batches. The
+    regression value is read on the host (one sync), so it is meant for the first step only.
     """
     if not (isinstance(batch, EpisodeBatch) or (isinstance(batch, tuple | list) and len(batch) == 4)):
         return None
@@ -257,7 +277,7 @@ def constant_prediction_loss(batch: Any) -> float | None:
         targets = episodes.query_y.detach().float()
         targets = targets.reshape(targets.shape[0], targets.shape[1], -1)  # [tasks, items, outputs]
         return float((targets - targets.mean(1, keepdim=True)).pow(2).mean())
-    ways = int(episodes.support_y.max()) + 1
+    ways = episode_ways(episodes)
     return math.log(ways) if ways > 1 else None
 
 

@@ -8,10 +8,15 @@
 - **Write atomically.** :class:`SafeCheckpointIO` is the Trainer's checkpoint writer and reader in
   the CLI: every ``best-*.ckpt``, ``last.ckpt`` and ``interrupted.ckpt`` is written to a temporary
   file and renamed (:func:`~datamodules.files.atomic_file`), so a full disk leaves the old file.
-- **Record.** :class:`EpisodicCheckpoint` keeps the best checkpoint and ``last.ckpt``, the last
-  step that finished; :func:`claim_run_folders` gives each run its own ``version_*`` folder.
+- **Record.** Every module writes the class that wrote it (:func:`record_class`);
+  :class:`EpisodicCheckpoint` keeps the best checkpoint and ``last.ckpt``, the last step that
+  finished; :func:`claim_run_folders` gives each run its own ``version_*`` folder.
 - **Resolve.** :func:`find_checkpoint` turns ``--ckpt_path best``/``last`` into a file, skipping
-  (and naming) empty or truncated ones.
+  (and naming) empty or truncated ones; :func:`checkpoint_class` names the class of a checkpoint.
+- **Check.** :func:`check_class` refuses a checkpoint of an unrelated class (a ProtoNet checkpoint
+  into MAML), for the modules, the CLI's ``--ckpt_path`` and :func:`load_checkpoint`'s callers.
+- **Load.** :func:`load_checkpoint` rebuilds any checkpoint as its own class, in eval mode: for
+  prediction, an RFS teacher and an Aggregate's members.
 """
 
 from __future__ import annotations
@@ -152,6 +157,109 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", trust: bool | N
             f"checkpoint '{path}' is truncated or corrupt ({first}): its save did not finish, or the copy is "
             f"incomplete; {_siblings(path)}"
         ) from err
+
+
+# ----------------------------------------------------------------------------- the class that wrote it
+#: Where a checkpoint records the class that wrote it: ``checkpoint[CLASS_KEY]["class_path"]``.
+CLASS_KEY = "lightning_meta"
+
+
+def class_path_of(cls: type) -> str:
+    """``module.QualifiedName`` of ``cls``, as checkpoints record it."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def record_class(checkpoint: dict[str, Any], module: LightningModule) -> None:
+    """Record in ``checkpoint`` the class of ``module`` (from its ``on_save_checkpoint``)."""
+    checkpoint[CLASS_KEY] = {"class_path": class_path_of(type(module))}
+
+
+def recorded_class_path(checkpoint: dict[str, Any]) -> str | None:
+    """The class path a checkpoint records: ours, else the ``_class_path`` LightningCLI saves in the hyperparameters."""
+    found = checkpoint.get(CLASS_KEY, {}).get("class_path")
+    return found if found is not None else checkpoint.get("hyper_parameters", {}).get("_class_path")
+
+
+def _import_class(class_path: str) -> type | None:
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+    return found if isinstance(found, type) else None
+
+
+def checkpoint_class(checkpoint: dict[str, Any], path: str | Path = "the checkpoint") -> type[LightningModule]:
+    """The LightningModule subclass that wrote ``checkpoint`` (see :func:`recorded_class_path`)."""
+    class_path = recorded_class_path(checkpoint)
+    if class_path is None:
+        raise ValueError(
+            f"{path} does not record which class wrote it (written before lightning-meta recorded it, or "
+            "not by lightning-meta); load it with its class, e.g. lightning_meta.ProtoNet.load_from_checkpoint(path)"
+        )
+    cls = _import_class(class_path)
+    if cls is None:
+        raise ImportError(
+            f"{path} was written by {class_path}, which cannot be imported; install or put on sys.path the package "
+            "that defines it"
+        )
+    if not issubclass(cls, LightningModule):
+        raise ValueError(f"{path} was written by {class_path}, which is not a LightningModule")
+    return cls
+
+
+def check_class(checkpoint: dict[str, Any], expected: type, what: str = "this checkpoint") -> None:
+    """Raise ValueError naming both classes unless ``checkpoint`` was written by ``expected`` or a subclass of it.
+
+    A checkpoint that records no class (written before classes were recorded) passes. ``what``
+    names the checkpoint in the message (``"--ckpt_path X"``).
+    """
+    written_by = recorded_class_path(checkpoint)
+    if written_by is None or any(class_path_of(c) == written_by for c in expected.__mro__):
+        return
+    writer = _import_class(written_by)
+    if writer is not None and issubclass(writer, expected):
+        return
+    name = written_by.rpartition(".")[2]
+    raise ValueError(
+        f"{what} was written by {name} ({written_by}) but the model is {expected.__name__} "
+        f"({class_path_of(expected)}); use the config of the algorithm that wrote it (e.g. configs/{name.lower()}/"
+        "...), or load it as its own class with lightning_meta.load_checkpoint(path)"
+    )
+
+
+def load_checkpoint(
+    path: str | Path, map_location: Any = "cpu", trust: bool | None = None, **overrides: Any
+) -> LightningModule:
+    """Load any lightning-meta checkpoint as its own class, in eval mode.
+
+    The class comes from the checkpoint (see :func:`checkpoint_class`); the backbone, optimizer and
+    scheduler are rebuilt from the ``class_path``/``init_args`` hyperparameters that the CLI saved.
+    A checkpoint written outside the CLI does not hold its backbone: pass it as an override, e.g.
+    ``load_checkpoint(path, backbone=Conv4())``.
+
+    Args:
+        path: the ``.ckpt`` file.
+        map_location: where to put the weights (``torch.load``'s argument); the CPU by default.
+        trust: load a file that names Python code to run (only your own files; see
+            :func:`read_checkpoint`); None: as :data:`TRUST_VARIABLE` says.
+        overrides: constructor arguments that replace the saved hyperparameters.
+    """
+    trust = trusting() if trust is None else trust
+    cls = checkpoint_class(read_checkpoint(path, trust=trust), path)
+    try:
+        with allowed_globals():
+            model = cls.load_from_checkpoint(
+                str(Path(path).expanduser()), map_location=map_location, weights_only=not trust, **overrides
+            )
+    except TypeError as err:
+        if "backbone" in str(err):
+            raise ValueError(
+                f"{path} was written outside the lightning-meta CLI, so its hyperparameters do not hold the "
+                f"backbone; pass it: load_checkpoint(path, backbone=Conv4(...)) with the one it was trained with"
+            ) from err
+        raise
+    return model.eval()
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
@@ -343,16 +451,22 @@ def find_best_checkpoint(trainer: Trainer) -> str:
 
 
 __all__ = [
+    "CLASS_KEY",
     "SAFE_GLOBALS",
     "TRUST_VARIABLE",
     "EpisodicCheckpoint",
     "SafeCheckpointIO",
     "allowed_globals",
+    "check_class",
+    "checkpoint_class",
     "checkpoint_problem",
     "claim_run_folders",
     "find_best_checkpoint",
     "find_checkpoint",
+    "load_checkpoint",
     "read_checkpoint",
+    "record_class",
+    "recorded_class_path",
     "trusting",
     "use_safe_checkpoint_io",
 ]

@@ -15,24 +15,29 @@ from typing import Any, NoReturn
 import torch
 import yaml
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 
 import datamodules  # noqa: F401  (registers the bundles for short names in YAML)
 from datamodules import StreamDataModule
+from datamodules.files import atomic_file
 
 from . import threads
+from .backbones.inputs import check_backbone_fits_data
 from .callbacks import InterruptCheckpoint, default_callbacks, out_of_memory_message
 from .checkpoints import (  # noqa: F401  (find_best_checkpoint: its old home)
     TRUST_VARIABLE,
     EpisodicCheckpoint,
     allowed_globals,
+    check_class,
     claim_run_folders,
     find_best_checkpoint,
     find_checkpoint,
+    read_checkpoint,
     trusting,
     use_safe_checkpoint_io,
 )
+from .links import link_data_to_model, link_train_classes
 from .precision import default_precision
 from .runs import (
     config_differences,
@@ -47,27 +52,13 @@ from .runs import (
 
 def check_checkpoint_class(ckpt_path: str, configured: str) -> None:
     """Raise ValueError naming both classes unless the checkpoint's class is the configured one or a subclass."""
-    from .inference import checkpoint_class, read_checkpoint
-
-    checkpoint = read_checkpoint(ckpt_path)
-    if "lightning_meta" not in checkpoint and "_class_path" not in checkpoint.get("hyper_parameters", {}):
-        return  # an older checkpoint: the module's on_load_checkpoint decides
-    if checkpoint.get("hyper_parameters", {}).get("_class_path") == configured:
-        return  # written by the configured class (also a meta-RL module, which is no EpisodicModule)
-    written_by = checkpoint_class(checkpoint, ckpt_path)
     module_name, _, class_name = configured.rpartition(".")
     try:
         model_class = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError):
         return  # jsonargparse reports a class it cannot import
-    if isinstance(model_class, type) and issubclass(written_by, model_class):
-        return
-    raise ValueError(
-        f"--ckpt_path {ckpt_path} was written by {written_by.__name__} "
-        f"({written_by.__module__}.{written_by.__qualname__}) but the model is {model_class.__name__} ({configured}); "
-        f"use the config of the algorithm that wrote it (e.g. configs/{written_by.__name__.lower()}/...), or pass "
-        "the checkpoint of a matching model"
-    )
+    if isinstance(model_class, type):
+        check_class(read_checkpoint(ckpt_path), model_class, f"--ckpt_path {ckpt_path}")
 
 
 _RESTRICTIONS = {
@@ -278,10 +269,64 @@ class MetaArgumentParser(LightningArgumentParser):
         self.exit(2)
 
 
+#: Data settings that make episodes of another kind: a fit may not resume with them changed.
+EPISODE_SETTINGS = ("ways", "shots", "queries", "image_size", "train_ways", "train_shots", "train_queries")
+#: The option that lets a fit resume with changed episode settings anyway.
+ALLOW_EPISODE_CHANGES = "--allow_episode_changes true"
+
+
+def check_resumed_episodes(checkpoint: dict[str, Any], data: Any, ckpt_path: str) -> None:
+    """Raise ValueError when ``data`` has other episode settings than the data ``checkpoint`` was trained on.
+
+    A resumed fit continues the run's data position and its checkpoints' ranking by ``val/acc``;
+    with other ways, shots, queries or image size both would mix two experiments in one run.
+    """
+    saved = checkpoint.get("datamodule_hyper_parameters") or {}
+    hparams = getattr(data, "hparams", None) or {}
+    for key in EPISODE_SETTINGS:
+        if key in saved and key in hparams and saved[key] != hparams[key]:
+            raise ValueError(
+                f"--data.{key}={hparams[key]} but {ckpt_path} was trained with {key}={saved[key]}; resuming a fit "
+                f"with other episodes would mix two experiments in one run; keep --data.{key} {saved[key]}, or start "
+                f"a new fit from its weights (e.g. fine-tune in Python after lightning_meta.load_checkpoint), or pass "
+                f"{ALLOW_EPISODE_CHANGES} if you really mean to continue this run with other episodes"
+            )
+
+
+class AtomicSaveConfigCallback(SaveConfigCallback):
+    """Lightning's SaveConfigCallback, writing ``config.yaml`` atomically (temporary file, fsync, rename).
+
+    A crash or a full disk while it writes leaves the previous ``config.yaml`` (or none), never half of
+    one. Remote folders (``s3://``) and multi-file configs keep Lightning's writer.
+    """
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.already_saved or not self.save_to_log_dir or self.multifile or not self.overwrite:
+            super().setup(trainer, pl_module, stage)
+            return
+        log_dir = trainer.log_dir  # broadcast from rank 0: every rank calls it
+        if log_dir is None or "://" in log_dir:
+            super().setup(trainer, pl_module, stage)
+            return
+        if trainer.is_global_zero:
+            path = Path(log_dir, self.config_filename)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            text = self.parser.dump(self.config, skip_none=False)
+            with atomic_file(path, "config", text=True) as f:
+                f.write(text)
+            self.save_config(trainer, pl_module, stage)
+            self.already_saved = True
+        self.already_saved = trainer.strategy.broadcast(self.already_saved)
+
+
 class MetaCLI(LightningCLI):
     """LightningCLI with the defaults few-shot training needs.
 
     - ``trainer.inference_mode=False``: MAML and Reptile adapt with gradients during evaluation.
+    - The data sizes the model (:mod:`lightning_meta.links`): ``ways`` the heads, ``image_size`` and
+      ``channels`` the backbones, ``num_train_classes`` the pre-training classifier; a model setting
+      that disagrees stops the run at start. ``config.yaml`` is written atomically, and ``fit
+      --ckpt_path`` refuses other episode settings than the checkpoint's (``--allow_episode_changes``).
     - A checkpoint callback on ``val/acc`` (see :class:`EpisodicCheckpoint`), an
       :class:`~lightning_meta.callbacks.InterruptCheckpoint` (``interrupted.ckpt`` on Ctrl-C) and
       the callbacks of :func:`~lightning_meta.callbacks.default_callbacks` (episode images,
@@ -298,6 +343,8 @@ class MetaCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         rank_zero_info(threads.describe())
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.get("model") is not None and config.get("data") is not None:
+            link_data_to_model(config["model"], config["data"])  # the data states the shapes once
         trainer = config.get("trainer")
         if trainer is not None and trainer.get("precision") is not None:
             check_precision(trainer.get("precision"))
@@ -317,6 +364,21 @@ class MetaCLI(LightningCLI):
             help=f"Load checkpoints that name Python code to run (your own older files); by default checkpoints "
             f"are loaded as data only and such a file is refused. Same as {TRUST_VARIABLE}=1",
         )
+        parser.add_argument(
+            "--allow_episode_changes",
+            type=bool,
+            default=False,
+            help="Let `fit --ckpt_path` resume with other episode settings (ways, shots, queries, image_size) than "
+            "the checkpoint's; by default that is refused",
+        )
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        if self.subcommand in (None, "fit"):
+            link_train_classes(self.model, self.datamodule)
+        backbone = getattr(self.model, "backbone", None)
+        if isinstance(backbone, torch.nn.Module):
+            check_backbone_fits_data(backbone, self.datamodule)  # an MLP on images, a head built for another size
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
@@ -382,6 +444,9 @@ class MetaCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._resolve(("last",))
+        ckpt_path = self.config_init["fit"].get("ckpt_path")
+        if ckpt_path and not self.config_init["fit"].get("allow_episode_changes") and Path(ckpt_path).is_file():
+            check_resumed_episodes(read_checkpoint(ckpt_path), self.datamodule, str(ckpt_path))
         self._fit_start = time.perf_counter()
         run = getattr(self, "_resumed_run", None)
         saved = Path(run, "config.yaml") if run is not None else None
@@ -526,6 +591,7 @@ def make_cli(args: list[str] | None = None, run: bool = True) -> MetaCLI:
         subclass_mode_data=True,
         seed_everything_default=0,
         trainer_defaults=trainer_defaults,
+        save_config_callback=AtomicSaveConfigCallback,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"description": HELP, "predict": {"description": PREDICT_HELP}},
         parser_class=MetaArgumentParser,

@@ -25,70 +25,7 @@ from datamodules.files import atomic_file
 from datamodules.images import decode_image, image_files
 
 from .base import EpisodicModule, at_least_float32
-from .checkpoints import allowed_globals, read_checkpoint, trusting
-
-
-# ----------------------------------------------------------------------------- checkpoints
-def checkpoint_class(checkpoint: dict[str, Any], path: str | Path = "the checkpoint") -> type[EpisodicModule]:
-    """The :class:`EpisodicModule` subclass that wrote ``checkpoint``.
-
-    Read from ``checkpoint["lightning_meta"]["class_path"]`` (recorded by every lightning-meta
-    module), else from the ``_class_path`` that LightningCLI records in the hyperparameters.
-    """
-    class_path = checkpoint.get("lightning_meta", {}).get("class_path")
-    if class_path is None:
-        class_path = checkpoint.get("hyper_parameters", {}).get("_class_path")
-    if class_path is None:
-        raise ValueError(
-            f"{path} does not record which class wrote it (written before lightning-meta recorded it, or "
-            "not by lightning-meta); load it with its class, e.g. lightning_meta.ProtoNet.load_from_checkpoint(path)"
-        )
-    module_name, _, class_name = class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as err:
-        raise ImportError(
-            f"{path} was written by {class_path}, which cannot be imported ({err}); install or put on "
-            "sys.path the package that defines it"
-        ) from err
-    if not (isinstance(cls, type) and issubclass(cls, EpisodicModule)):
-        raise ValueError(f"{path} was written by {class_path}, which is not a lightning_meta.EpisodicModule")
-    return cls
-
-
-def load_checkpoint(
-    path: str | Path, map_location: Any = "cpu", trust: bool | None = None, **overrides: Any
-) -> EpisodicModule:
-    """Load any lightning-meta checkpoint as its own class, in eval mode.
-
-    The class comes from the checkpoint (see :func:`checkpoint_class`); the backbone, optimizer and
-    scheduler are rebuilt from the ``class_path``/``init_args`` hyperparameters that the CLI saved.
-    A checkpoint written outside the CLI does not hold its backbone: pass it as an override, e.g.
-    ``load_checkpoint(path, backbone=Conv4())``.
-
-    Args:
-        path: the ``.ckpt`` file.
-        map_location: where to put the weights (``torch.load``'s argument); the CPU by default.
-        trust: load a file that names Python code to run (only your own files; see
-            :func:`~lightning_meta.checkpoints.read_checkpoint`); None: as ``LIGHTNING_META_TRUST_CHECKPOINTS`` says.
-        overrides: constructor arguments that replace the saved hyperparameters.
-    """
-    trust = trusting() if trust is None else trust
-    checkpoint = read_checkpoint(path, trust=trust)
-    cls = checkpoint_class(checkpoint, path)
-    try:
-        with allowed_globals():
-            model = cls.load_from_checkpoint(
-                str(Path(path).expanduser()), map_location=map_location, weights_only=not trust, **overrides
-            )
-    except TypeError as err:
-        if "backbone" in str(err):
-            raise ValueError(
-                f"{path} was written outside the lightning-meta CLI, so its hyperparameters do not hold the "
-                f"backbone; pass it: load_checkpoint(path, backbone=Conv4(...)) with the one it was trained with"
-            ) from err
-        raise
-    return model.eval()
+from .checkpoints import load_checkpoint, read_checkpoint, trusting
 
 
 # ----------------------------------------------------------------------------- one episode
@@ -171,12 +108,24 @@ class Preprocessing:
         channels: 1 (grayscale) or 3 (RGB).
         invert: replace each pixel ``v`` by ``255 - v`` (Omniglot's light strokes on a dark ground).
         source: where each setting came from, for messages.
+        mean: per-channel mean subtracted from ``v / 255``; None: not normalised.
+        std: per-channel standard deviation it is divided by; None: not normalised.
     """
 
     image_size: int
     channels: int
     invert: bool
     source: dict[str, str] = field(default_factory=dict)
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+    def transform(self, images: Tensor) -> Tensor:
+        """uint8 ``[N, C, S, S]`` images to model input, as the training data's ``transform_images`` did."""
+        x = images.float().div(255)
+        if self.mean is not None and self.std is not None:
+            shape = (-1, 1, 1)
+            x = (x - torch.tensor(self.mean).view(shape)) / torch.tensor(self.std).view(shape)
+        return x
 
 
 def _datamodule_class(hparams: dict[str, Any]) -> type | None:
@@ -201,15 +150,22 @@ def preprocessing_of(
 ) -> Preprocessing:
     """The :class:`Preprocessing` of the checkpoint's training data; explicit arguments override it.
 
-    ``image_size`` and ``channels`` come from the datamodule's hyperparameters (``image_size``,
-    ``channels``), else from the backbone's (``image_size``, ``in_channels``). Images are inverted
-    when the training data was Omniglot (whose bundle stores light strokes on a dark ground, the
-    inverse of the official dark-on-white PNGs). Raises ValueError for regression checkpoints and
-    for a channel count the backbone cannot take.
+    The bundle declares them in its saved hyperparameters (``preprocessing``: image size,
+    channels, inversion, normalisation; see ``CachedImageBundle.preprocessing``). For a checkpoint
+    written before bundles declared them, ``image_size`` and ``channels`` come from the data's
+    hyperparameters, else from the backbone's (``image_size``, ``in_channels``), and ``invert``
+    from the data's ``invert`` argument or class (Omniglot stores light strokes on a dark ground,
+    the inverse of its official PNGs). Raises ValueError for regression checkpoints and for a
+    channel count the backbone cannot take.
     """
     data = checkpoint.get("datamodule_hyper_parameters") or {}
     data_cls = _datamodule_class(data)
     data_name = data_cls.__name__ if data_cls is not None else data.get("_class_path", "unknown data")
+    # What the bundle declared it did to its files; older checkpoints lack it, and the settings are
+    # then read from the data's and the backbone's hyperparameters and the data's class.
+    found = data.get("preprocessing")
+    declared: dict[str, Any] = found if isinstance(found, dict) else {}
+    data = {**data, **{k: v for k, v in declared.items() if k in ("image_size", "channels", "invert")}}
     conv = _first_conv(model.backbone)
     if (data_cls is not None and getattr(data_cls, "task", "classification") == "regression") or conv is None:
         raise ValueError(
@@ -256,11 +212,12 @@ def preprocessing_of(
     if invert is not None:
         source["invert"] = "--invert"
     else:
-        from datamodules.omniglot import Omniglot
-
-        invert = bool(data_cls is not None and issubclass(data_cls, Omniglot))
+        # An older checkpoint's bundle: its invert argument (ImageFolder), else its class's (Omniglot's is True).
+        stated = data.get("invert")
+        invert = stated if isinstance(stated, bool) else bool(getattr(data_cls, "invert", False))
         source["invert"] = f"the checkpoint's data ({data_name})"
-    return Preprocessing(image_size, channels, invert, source)
+    mean, std = declared.get("mean"), declared.get("std")
+    return Preprocessing(image_size, channels, invert, source, mean, std)
 
 
 def load_images(files: list[Path], preprocessing: Preprocessing, root: Path) -> Tensor:
@@ -275,23 +232,6 @@ def load_images(files: list[Path], preprocessing: Preprocessing, root: Path) -> 
     for i, path in enumerate(files):
         out[i] = decode_image(path, preprocessing.image_size, mode, str(path.relative_to(root)))
     return 255 - out if preprocessing.invert else out
-
-
-def _transform(checkpoint: dict[str, Any]) -> Any:
-    """The training datamodule's uint8-to-input step (``transform_images``), or the base's ``x / 255``."""
-    from datamodules.base import EpisodicDataModule
-
-    data = checkpoint.get("datamodule_hyper_parameters") or {}
-    data_cls = _datamodule_class(data)
-    if data_cls is None or getattr(data_cls, "transform_images", None) is EpisodicDataModule.transform_images:
-        return lambda x: x.float().div(255)
-    try:  # a bundle with its own normalisation: build it (constructors only record their arguments)
-        instance = data_cls(**{k: v for k, v in data.items() if not k.startswith("_")})
-    except Exception as err:
-        raise ValueError(
-            f"cannot rebuild the checkpoint's datamodule {data_cls.__name__} for its image normalisation ({err})"
-        ) from err
-    return instance.transform_images
 
 
 @dataclass
@@ -416,6 +356,11 @@ def predict_folders(
     trust = trust_checkpoint or trusting()
     checkpoint = read_checkpoint(ckpt_path, trust=trust)
     model = load_checkpoint(ckpt_path, trust=trust)
+    if not isinstance(model, EpisodicModule):
+        raise ValueError(
+            f"{ckpt_path} holds a {type(model).__name__}, which does not classify episodes; predict is for "
+            "few-shot classification checkpoints"
+        )
     preprocessing = preprocessing_of(checkpoint, model, image_size, channels, invert, ckpt_path)
     heads = [m for m in model.backbone.modules() if isinstance(m, nn.Linear)]
     if model.needs_grad_in_eval and heads and heads[-1].out_features != len(classes):
@@ -424,7 +369,7 @@ def predict_folders(
             f"{heads[-1].out_features}-way) but support={support_dir} has {len(classes)} classes; use "
             f"{heads[-1].out_features} class folders"
         )
-    transform = _transform(checkpoint)
+    transform = preprocessing.transform
     support_x = transform(load_images(support_files, preprocessing, support_dir))
     support_y = torch.tensor(support_labels)
     parts = []

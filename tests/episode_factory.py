@@ -24,4 +24,5 @@ def make_episodes(
         torch.arange(ways).repeat_interleave(shots).expand(tasks, -1),
         draw(tasks, ways * queries, *shape, generator=g).to(dtype),
         torch.arange(ways).repeat_interleave(queries).expand(tasks, -1),
+        ways,
     )

@@ -249,9 +249,10 @@ def test_reduce_lr_on_plateau_gets_its_monitor_and_its_short_name_points_to_the_
     [
         (["--model.backbone", "lightning_meta.MLP"], "--model.backbone MLP takes vectors of in_features=1 values, "
          "but Omniglot gives 28x28 images; use an image backbone such as lightning_meta.Conv4"),
-        (["--data.image_size", "40", "--model.init_args.backbone.init_args.pooling", "max"],
-         "the backbone Conv4 was built for image_size=28 (its head takes that size's features) but Omniglot "
-         "gives image_size=40; set --model.backbone.init_args.image_size 40 or --data.image_size 28"),
+        # The backbone takes its image_size from the data (issue 24); one stated otherwise stops at start.
+        (["--data.image_size", "40", "--model.init_args.backbone.init_args.image_size", "32"],
+         "--model.init_args.backbone.init_args.image_size=32 but --data.image_size=40: the model takes its "
+         "image_size from the data, so state it once"),
     ],
 )  # fmt: skip
 def test_a_backbone_that_cannot_take_the_data_is_named_at_setup(args, message, fake_omniglot, tmp_path, monkeypatch,
@@ -271,11 +272,18 @@ def test_a_backbone_that_cannot_take_the_data_is_named_at_setup(args, message, f
 def test_an_error_during_the_sanity_check_starts_on_a_line_of_its_own(fake_omniglot, tmp_path):
     # The progress bar's line was left open and the error printed at its end.
     args = [*small_omniglot(fake_omniglot), "--trainer.enable_progress_bar", "true"]
-    command = [str(SCRIPT), "fit", "--config", str(PROTONET), *args, "--model.backbone.init_args.in_channels", "3"]
+    # A validation step that raises one of our errors (the old trigger, a channel mismatch, is now caught
+    # before the sanity check by the CLI's data-to-model links).
+    fail = (
+        "import lightning_meta as m, sys; from lightning_meta.backbones.inputs import check_image_size; "
+        "m.EpisodicModule.validation_step = lambda *a: check_image_size('Conv4', 1, 2, 'the test'); "
+        "from lightning_meta.cli import main; main(sys.argv[1:])"
+    )
+    command = [sys.executable, "-c", fail, "fit", "--config", str(PROTONET), *args]
     env = {k: v for k, v in os.environ.items() if k != "LIGHTNING_META_DEBUG"}
     done = subprocess.run(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=180, env=env)  # fmt: skip
     assert done.returncode == 2 and "Sanity Checking" in done.stdout, done.stdout[-3000:]
     lines = done.stdout.splitlines()
     errors = [line for line in lines if "lightning-meta: error:" in line]
-    assert len(errors) == 1 and errors[0].startswith("lightning-meta: error: the data has 1 channel(s)"), errors
+    assert len(errors) == 1 and errors[0].startswith("lightning-meta: error: image_size=1 is too small"), errors

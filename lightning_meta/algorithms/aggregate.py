@@ -12,9 +12,10 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
 
-from datamodules.episodes import EpisodeBatch, as_episode_batch
+from datamodules.episodes import EpisodeBatch, as_episode_batch, episode_ways
 
 from ..base import EpisodeOutput, EpisodicModule, at_least_float32
+from ..checkpoints import load_checkpoint
 from ..metrics import episode_accuracy
 
 #: The per-member statistics the ``episode`` weighting reads, in this order.
@@ -102,7 +103,7 @@ class Aggregate(EpisodicModule):
     Args:
         members: members built from config (``class_path`` entries), e.g. ProtoNet, MatchingNet, MAML.
         checkpoints: paths of members' checkpoints (loaded with
-            :func:`~lightning_meta.inference.load_checkpoint`); they come first, then ``members``.
+            :func:`~lightning_meta.checkpoints.load_checkpoint`); they come first, then ``members``.
         weighting: "global" or "episode", see above.
         statistics: support statistics for "episode": "auto", "leave_one_out" or "support".
         hidden: width of the hidden layer of the episode weighting network.
@@ -269,6 +270,7 @@ class Aggregate(EpisodicModule):
                 "Aggregate combines class log-probabilities: it needs classification episodes (integer labels), "
                 "not regression targets"
             )
+        self.check_members(episode_ways(batch))
         outputs = [self.member_outputs(i, batch) for i in range(len(self.members))]
         log_probs = torch.stack([at_least_float32(out.predictions).log_softmax(-1) for out in outputs], 1)
         losses = torch.stack([out.loss for out in outputs], 1)
@@ -277,6 +279,17 @@ class Aggregate(EpisodicModule):
         return Combined(log_probs, weights, losses)
 
     # ------------------------------------------------------------------ the algorithm's part
+    def check_members(self, ways: int) -> None:
+        """Raise ValueError naming the first member with a fixed number of outputs (MAML's head) other than ``ways``."""
+        for i, member in enumerate(self.members):
+            outputs = getattr(member, "head_outputs", None)
+            if isinstance(outputs, int) and outputs != ways:
+                raise ValueError(
+                    f"Aggregate member {i} ({type(member).__name__}) has a head of {outputs} outputs but these "
+                    f"episodes are {ways}-way; all members see the same episodes, so set the datamodule's ways to "
+                    f"{outputs}, or use a member built or trained for {ways} ways"
+                )
+
     def episode_loss(self, batch: EpisodeBatch) -> EpisodeOutput:
         combined = self._last = self.combine(batch)
         logits = torch.einsum("bm,bmqn->bqn", combined.weights, combined.log_probs)
@@ -328,29 +341,6 @@ class Aggregate(EpisodicModule):
         return result
 
     # ------------------------------------------------------------------ checks and the optimizer
-    def setup(self, stage: str) -> None:
-        """Check that every member with a fixed number of outputs (MAML's head) fits the episodes' ways."""
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is None or not hasattr(datamodule, "episode_shape"):
-            return
-        if getattr(datamodule, "task", "classification") != "classification":
-            raise ValueError(
-                f"Aggregate combines class log-probabilities, but {type(datamodule).__name__} is a "
-                f"{datamodule.task} datamodule; use classification episodes"
-            )
-        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, ())
-        for i, member in enumerate(self.members):
-            outputs = getattr(member, "head_outputs", None)
-            for split in splits:
-                ways = datamodule.episode_shape(split)[0]
-                if isinstance(outputs, int) and outputs != ways:
-                    knob = "train_ways" if split == "train" and getattr(datamodule, "train_ways", None) else "ways"
-                    raise ValueError(
-                        f"Aggregate member {i} ({type(member).__name__}) has a head of {outputs} outputs but the "
-                        f"'{split}' episodes are {ways}-way; all members see the same episodes, so set the "
-                        f"datamodule's {knob} to {outputs}, or use a member built or trained for {ways} ways"
-                    )
-
     def configure_optimizers(self) -> Any:
         own = [p for name, p in self.named_parameters() if not name.startswith("backbone.") and p.requires_grad]
         groups: list[dict[str, Any]] = [{"params": own}]
@@ -366,7 +356,8 @@ class Aggregate(EpisodicModule):
 
 
 def load_member(path: str) -> EpisodicModule:
-    """A member from its checkpoint (:func:`~lightning_meta.inference.load_checkpoint`), in eval mode."""
-    from ..inference import load_checkpoint
-
-    return load_checkpoint(path)
+    """A member from its checkpoint (:func:`~lightning_meta.checkpoints.load_checkpoint`), in eval mode."""
+    member = load_checkpoint(path)
+    if not isinstance(member, EpisodicModule):
+        raise ValueError(f"checkpoints: {path} holds a {type(member).__name__}, not a few-shot classifier to aggregate")
+    return member

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from datamodules.base import LabelledBatch
-from datamodules.episodes import EpisodeBatch, as_episode_batch
+from datamodules.episodes import EpisodeBatch, as_episode_batch, episode_ways
 
 from ..backbones import Conv4
 from ..base import EpisodicModule, at_least_float32, embed_episode
@@ -49,7 +49,7 @@ class PretrainedModule(EpisodicModule):
 
     Training is cross-entropy over all ``num_classes`` training classes on labelled batches
     (:class:`~datamodules.base.LabelledBatch`, from a datamodule with ``train_batches="labelled"``;
-    ``num_classes`` is read from its ``num_train_classes`` at setup unless given). Evaluation embeds
+    the CLI links the datamodule's ``num_train_classes`` to ``num_classes``). Evaluation embeds
     each episode, fits a new head on the support embeddings (:meth:`fit_episode_head`) and
     predicts the queries with it; the pre-training classifier is not used there. With
     ``finetune_backbone`` the backbone is then fine-tuned with that head on the support set for
@@ -62,7 +62,8 @@ class PretrainedModule(EpisodicModule):
 
     Args:
         backbone: embedding network without a head of its own; default ``Conv4(in_channels=1)``.
-        num_classes: classes of the pre-training classifier; None reads the datamodule's ``num_train_classes``.
+        num_classes: classes of the pre-training classifier (the training split's; the CLI links the
+            datamodule's ``num_train_classes``); None builds it from the checkpoint that is loaded.
         head_steps: optimiser steps (full batch) that fit each episode's head.
         head_lr: learning rate of the episode head's optimiser.
         finetune_backbone: fine-tune the whole backbone per episode at evaluation (P>M>F).
@@ -172,23 +173,6 @@ class PretrainedModule(EpisodicModule):
         self.num_classes = num_classes
         self.hparams["num_classes"] = num_classes  # so that a checkpoint rebuilds the classifier
 
-    def setup(self, stage: str) -> None:
-        """Check the datamodule serves labelled batches (fit) and size the classifier from its classes."""
-        super().setup(stage)
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if stage != "fit" or datamodule is None:
-            return
-        if getattr(datamodule, "train_batches", "episodes") != "labelled":
-            raise ValueError(self._episodes_error())
-        classes = datamodule.num_train_classes
-        if self.classifier is None:
-            self._build_classifier(classes)
-        elif self.num_classes != classes:
-            raise ValueError(
-                f"num_classes={self.num_classes} but the training split of {type(datamodule).__name__} has "
-                f"{classes} classes; set num_classes to {classes} or leave it unset (null) to read it"
-            )
-
     def _episodes_error(self) -> str:
         name = type(self).__name__
         return (
@@ -204,8 +188,8 @@ class PretrainedModule(EpisodicModule):
         """``[N, num_classes]`` logits of the pre-training classifier."""
         if self.classifier is None:
             raise ValueError(
-                f"{type(self).__name__} has no pre-training classifier yet; pass num_classes or fit it with a "
-                "datamodule with train_batches='labelled'"
+                f"{type(self).__name__} has no pre-training classifier yet; pass num_classes (a datamodule's "
+                "num_train_classes; the CLI passes it for a datamodule with train_batches='labelled')"
             )
         return self.classifier(self.embed(images))
 
@@ -235,7 +219,7 @@ class PretrainedModule(EpisodicModule):
     def episode_logits(self, batch: EpisodeBatch) -> Tensor:
         batch = as_episode_batch(batch)
         support, query = embed_episode(self.backbone, batch, False)
-        ways = int(batch.support_y.max()) + 1
+        ways = episode_ways(batch)
         with torch.enable_grad(), solver_precision(support):
             head = self.fit_episode_head(self.episode_features(support.detach()), batch.support_y, ways)
         if not self.finetune_backbone or self.finetune_steps == 0:
@@ -427,7 +411,7 @@ class RFS(Baseline):
 
     def load_teacher(self, path: str) -> PretrainedModule:
         """The frozen teacher from the checkpoint at ``path``; its classifier must have this model's classes."""
-        from ..inference import load_checkpoint
+        from ..checkpoints import load_checkpoint
 
         try:
             teacher = load_checkpoint(path)

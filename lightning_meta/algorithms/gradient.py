@@ -15,7 +15,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from datamodules.episodes import EpisodeBatch
+from datamodules.episodes import EpisodeBatch, episode_ways
 
 from ..base import AdaptationCurve, EpisodeOutput, EpisodicModule
 from ..functional import (
@@ -366,9 +366,8 @@ class GradientModule(EpisodicModule):
     def check_episode_ways(self, batch: EpisodeBatch) -> None:
         """Raise ValueError when a classification batch has other ways than the head has outputs.
 
-        Reading the labels waits for the device, so during training it is done once per batch shape
-        (:meth:`setup` has checked the datamodule); in evaluation and predict, where the inner loop
-        costs far more, on every batch.
+        During training it is done once per batch shape; in evaluation and predict, where the inner
+        loop costs far more, on every batch (a batch built by hand without ``ways`` reads its labels).
         """
         outputs = self.head_outputs
         if outputs is None or batch.support_y.is_floating_point() or batch.support_y.numel() == 0:
@@ -378,24 +377,6 @@ class GradientModule(EpisodicModule):
             if shape in self._checked_shapes:
                 return
             self._checked_shapes.add(shape)
-        ways = int(batch.support_y.max()) + 1
+        ways = episode_ways(batch)
         if ways != outputs:
             raise self._mismatch(outputs, ways, "these episodes", f"or use a model trained for {ways} ways")
-
-    def setup(self, stage: str) -> None:
-        """Check that the head has one output per way of the datamodule's episodes in the splits ``stage`` uses."""
-        super().setup(stage)
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        outputs = self.head_outputs
-        if datamodule is None or outputs is None or not hasattr(datamodule, "episode_shape"):
-            return
-        if getattr(datamodule, "task", "classification") != "classification":
-            return
-        splits = {"fit": ("train", "val", "test"), "validate": ("val",), "test": ("test",)}.get(stage, ())
-        for split in splits:
-            ways = datamodule.episode_shape(split)[0]
-            if ways != outputs:
-                knob = "train_ways" if split == "train" and getattr(datamodule, "train_ways", None) else "ways"
-                raise self._mismatch(
-                    outputs, ways, f"the '{split}' episodes", f"or the datamodule's {knob} to {outputs}"
-                )

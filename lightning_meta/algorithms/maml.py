@@ -112,7 +112,7 @@ class MAML(GradientModule):
 
     def run_tasks(self, batch: EpisodeBatch, mode: str, curve: bool) -> EpisodeOutput:
         task = partial(self.task_loss, curve=curve)
-        loss, predictions, curves = map_tasks(task, tuple(batch), self.task_runner(mode, per_task_backward=True))
+        loss, predictions, curves = map_tasks(task, batch.tensors, self.task_runner(mode, per_task_backward=True))
         return EpisodeOutput(loss, predictions, self.curve(curves))
 
 

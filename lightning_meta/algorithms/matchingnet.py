@@ -91,6 +91,6 @@ class MatchingNet(EpisodicModule):
 
     def episode_logits(self, batch: EpisodeBatch) -> Tensor:
         attention = self.attention(batch)
-        probabilities = attention @ support_onehot(batch.support_y, attention.dtype)  # [B, N*Q, N]
+        probabilities = attention @ support_onehot(batch, attention.dtype)  # [B, N*Q, N]
         # Log-probabilities as logits: cross-entropy on them is the paper's negative log-likelihood.
         return probabilities.clamp_min(1e-12).log()

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from datamodules.episodes import EpisodeBatch
+from datamodules.episodes import EpisodeBatch, episode_ways
 
 from ..backbones import Conv4
 from ..base import EpisodeOutput, EpisodicModule, at_least_float32, embed_episode
@@ -187,27 +187,12 @@ class MetaNetwork(EpisodicModule):
         """Raise ValueError when the episodes have other ways than the model's ``ways``."""
         if batch.support_y.is_floating_point():
             raise ValueError("MetaNetwork classifies: support_y must hold integer class labels, not regression targets")
-        episode_ways = int(batch.support_y.max()) + 1
-        if episode_ways != self.ways:
+        ways = episode_ways(batch)
+        if ways != self.ways:
             raise ValueError(
-                f"ways={self.ways} but these episodes are {episode_ways}-way; set the model's ways to "
-                f"{episode_ways} or the datamodule's ways to {self.ways}"
+                f"ways={self.ways} but these episodes are {ways}-way; set the model's ways to "
+                f"{ways} or the datamodule's ways to {self.ways}"
             )
-
-    def setup(self, stage: str) -> None:
-        """Check the model's ``ways`` against the datamodule's episodes in the splits ``stage`` uses."""
-        super().setup(stage)
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is None or not hasattr(datamodule, "episode_shape"):
-            return
-        for split in {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, ()):
-            episode_ways = datamodule.episode_shape(split)[0]
-            if episode_ways != self.ways:
-                knob = "train_ways" if split == "train" and getattr(datamodule, "train_ways", None) else "ways"
-                raise ValueError(
-                    f"ways={self.ways} but the '{split}' episodes are {episode_ways}-way; set the model's ways "
-                    f"to {episode_ways} or the datamodule's {knob} to {self.ways}"
-                )
 
     def generate(self, gradient: Tensor, network: Literal["m", "d"]) -> Tensor:
         """Fast weights from gradients, coordinate-wise (each weight from its own gradient coordinates).

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from datamodules.episodes import EpisodeBatch
+from datamodules.episodes import EpisodeBatch, episode_ways
 
 from ..backbones import Conv4
 from ..base import EpisodicModule, at_least_float32, embed_episode
@@ -91,7 +91,7 @@ class MetaOptNet(EpisodicModule):
     def episode_logits(self, batch: EpisodeBatch) -> Tensor:
         support, query = embed_episode(self.backbone, batch, self.channels_last)
         dtype = _DTYPES[self.solver_dtype]
-        ways = int(batch.support_y.max()) + 1
+        ways = episode_ways(batch)
         # The QP is ill-conditioned near its optimum (multipliers over slacks span 1/eps..eps), so
         # the kernel, the solve and the scores stay in solver_dtype whatever autocast does.
         with torch.autocast(support.device.type, enabled=False):

@@ -47,7 +47,7 @@ class ProtoNet(EpisodicModule):
 
     def episode_logits(self, batch: EpisodeBatch) -> Tensor:
         support, query = embed_episode(self.backbone, batch, self.channels_last)
-        onehot = support_onehot(batch.support_y, support.dtype)  # [B, NK, N]
+        onehot = support_onehot(batch, support.dtype)  # [B, NK, N]
         prototypes = onehot.transpose(1, 2) @ support / onehot.sum(1).unsqueeze(-1)  # [B, N, D]
         if self.distance == "cosine":
             return self.cosine_scale * F.normalize(query, dim=-1) @ F.normalize(prototypes, dim=-1).transpose(1, 2)

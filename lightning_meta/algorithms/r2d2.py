@@ -82,7 +82,7 @@ class R2D2(EpisodicModule):
         support, query = embed_episode(self.backbone, batch, False)  # at least float32
         with solver_precision(support):
             x = torch.cat([support, torch.ones_like(support[..., :1])], dim=-1)
-            y = support_onehot(batch.support_y, x.dtype)
+            y = support_onehot(batch, x.dtype)
             shots_total = x.shape[1]
             w = ridge_regression(x, y, shots_total * self.lam.to(x.dtype))  # [B, D + 1, N]
             logits = query @ w[:, :-1] + w[:, -1:]

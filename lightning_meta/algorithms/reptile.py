@@ -146,7 +146,7 @@ class Reptile(GradientModule):
         g = torch.Generator().manual_seed(int(torch.randint(2**62, (1,)).item()) if self.training else 0)
         support_size = batch.support_x.shape[1]
         batches = torch.stack([self.minibatches(support_size, self.steps(), g) for _ in range(batch.num_tasks)])
-        inputs = (*batch, batches.to(batch.support_x.device))
+        inputs = (*batch.tensors, batches.to(batch.support_x.device))
         params, predictions, curves = map_tasks(partial(self.task, curve=curve), inputs, mode)
         loss = self.query_loss(predictions, batch.query_y)
         if self.training:

@@ -240,7 +240,7 @@ def test_mixed_algorithms_run_under_a_trainer_and_a_wrong_head_is_named(fake_omn
     metrics = fit.test(aggregate, data, verbose=False)[0]
     assert {"test/acc", "test/acc_member_0_protonet", "test/acc_member_1_maml", "test/weight_1"} <= set(metrics)
     wrong = Aggregate(members=[ProtoNet(Conv4(hidden=8)), small_maml(ways=5)])
-    message = r"Aggregate member 1 \(MAML\) has a head of 5 outputs but the 'train' episodes are 2-way"
+    message = r"Aggregate member 1 \(MAML\) has a head of 5 outputs but these episodes are 2-way"
     with pytest.raises(ValueError, match=message):
         trainer(fast_dev_run=1).fit(wrong, data)
 

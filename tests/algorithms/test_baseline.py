@@ -72,7 +72,7 @@ def test_evaluation_episodes_are_protonets(omniglot_cache, tmp_path, monkeypatch
         assert dm.train_batches == "labelled"
         for split in ("val_dataloader", "test_dataloader"):
             for a, b in zip(getattr(reference, split)(), getattr(dm, split)(), strict=True):
-                assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+                assert a.ways == b.ways and all(torch.equal(x, y) for x, y in zip(a.tensors, b.tensors, strict=True))
 
 
 def test_labelled_batches_cover_every_training_class_in_disjoint_ddp_shards(omniglot_cache, monkeypatch):
@@ -148,12 +148,12 @@ def test_born_again_generation_distils_from_a_checkpoint(fake_omniglot, tmp_path
                         test_episodes=2, train_batches="labelled", batch_size=8)  # fmt: skip
 
     torch.manual_seed(0)
-    first = RFS(Conv4(), head_steps=5)
+    first = RFS(Conv4(), head_steps=5, num_classes=data().num_train_classes)
     fit = trainer(max_steps=2)
     fit.fit(first, data())
     path = tmp_path / "gen0.ckpt"
     fit.save_checkpoint(path)
-    second = RFS(Conv4(), head_steps=5, teacher=str(path))
+    second = RFS(Conv4(), head_steps=5, teacher=str(path), num_classes=data().num_train_classes)
     trainer(max_steps=2).fit(second, data())
     assert second.teacher is not None and not second.teacher.training
     teacher_weights = dict(second.teacher.named_parameters())

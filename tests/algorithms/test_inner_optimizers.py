@@ -126,7 +126,7 @@ def test_reptile_persistent_adam_carries_its_state_through_training_tasks_only()
 
 
 def test_reptile_sgd_string_and_class_give_the_same_meta_step():
-    batch = EpisodeBatch(*(t.double() for t in sine_batch(tasks=2)))
+    batch = EpisodeBatch(*(t.double() for t in sine_batch(tasks=2).tensors))
     steps = []
     for rule in ("sgd", SGD(0.02)):
         torch.manual_seed(0)

@@ -29,7 +29,7 @@ def test_adapt_lowers_the_support_loss_and_is_differentiable():
 def test_second_order_differs_from_first_order_and_matches_finite_differences():
     torch.manual_seed(0)
     backbone = MLP(hidden=(8,)).double()
-    batch = EpisodeBatch(*(t.double() for t in sine_batch(tasks=2)))
+    batch = EpisodeBatch(*(t.double() for t in sine_batch(tasks=2).tensors))
     grads = {}
     for first_order in (False, True):
         model = MAML(backbone, inner_lr=0.1, first_order=first_order).double()
@@ -62,8 +62,8 @@ def test_head_must_match_ways(fake_omniglot):
     model = MAML(Conv4(out_features=5, track_running_stats=False))
     dm = Omniglot(root=str(fake_omniglot), ways=2, shots=1, queries=1, rotations=False)
     trainer = pl.Trainer(fast_dev_run=1, inference_mode=False, logger=False)
-    message = r"MAML's head has 5 outputs but the 'train' episodes are 2-way; set the head's out_features "
-    with pytest.raises(ValueError, match=message + r"\(backbone.out_features\) to 2 or the datamodule's ways to 5"):
+    message = r"MAML's head has 5 outputs but these episodes are 2-way; set the head's out_features "
+    with pytest.raises(ValueError, match=message + r"\(backbone.out_features\) to 2 or use a model trained for 2 ways"):
         trainer.fit(model, dm)
 
 
@@ -220,18 +220,17 @@ ALGORITHMS = {
 
 @pytest.mark.parametrize("algorithm", list(ALGORITHMS))
 @pytest.mark.parametrize(
-    "outputs, ways, train_ways, stage, split, episodes, knob",
-    [(5, 3, None, "fit", "train", 3, "ways"), (3, 3, 2, "fit", "train", 2, "train_ways"),
-     (3, 2, 3, "fit", "val", 2, "ways"), (5, 3, None, "test", "test", 3, "ways")],
+    "outputs, ways, train_ways, stage, episodes",
+    [(5, 3, None, "fit", 3), (3, 3, 2, "fit", 2), (3, 2, 3, "fit", 2), (5, 3, None, "test", 3)],
 )  # fmt: skip
-def test_setup_checks_the_head_against_every_split(
-    algorithm, outputs, ways, train_ways, stage, split, episodes, knob, fake_omniglot
+def test_the_head_is_checked_against_the_episodes_of_every_split(
+    algorithm, outputs, ways, train_ways, stage, episodes, fake_omniglot
 ):
     model = ALGORITHMS[algorithm](Conv4(out_features=outputs, track_running_stats=False))
     dm = Omniglot(root=str(fake_omniglot), ways=ways, train_ways=train_ways, shots=1, queries=1, rotations=False)
     trainer = pl.Trainer(fast_dev_run=1, inference_mode=False, logger=False, enable_progress_bar=False)
-    message = f"{algorithm}'s head has {outputs} outputs but the '{split}' episodes are {episodes}-way; set the "
-    message += rf"head's out_features \(backbone.out_features\) to {episodes} or the datamodule's {knob} to {outputs}"
+    message = f"{algorithm}'s head has {outputs} outputs but these episodes are {episodes}-way; set the "
+    message += rf"head's out_features \(backbone.out_features\) to {episodes}"
     with pytest.raises(ValueError, match=message):
         trainer.fit(model, dm) if stage == "fit" else trainer.test(model, dm)
 

@@ -172,9 +172,9 @@ def test_episodes_of_other_ways_name_the_fix():
         model.episode_logits(regression)
 
 
-def test_setup_checks_ways_against_the_datamodule(fake_omniglot):
+def test_fit_checks_ways_against_the_episodes(fake_omniglot):
     model = MetaNetwork(ways=3, backbone=Conv4(hidden=8))
     dm = Omniglot(root=str(fake_omniglot), ways=2, shots=1, queries=2, rotations=False, val_episodes=2)
     trainer = pl.Trainer(fast_dev_run=1, logger=False, enable_progress_bar=False, inference_mode=False)
-    with pytest.raises(ValueError, match="ways=3 but the 'train' episodes are 2-way"):
+    with pytest.raises(ValueError, match="ways=3 but these episodes are 2-way"):
         trainer.fit(model, dm)

@@ -129,3 +129,21 @@ def test_plain_tuple_accepted_and_bad_batch_rejected():
 def test_bad_episode_parameters_rejected(kwargs, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         Omniglot(root=str(tmp_path), **kwargs)
+
+
+def test_batches_carry_their_ways_through_collate_pinning_and_transfer() -> None:
+    """The sampler says how many classes its episodes have, and every step after it keeps that."""
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+    from torch.utils.data._utils.collate import default_convert
+
+    from datamodules.episodes import collate_episodes, episode_ways
+
+    data = ClassImages.from_equal_classes(torch.zeros(10, 6, 1, 4, 4, dtype=torch.uint8), [str(i) for i in range(10)])
+    batch = ClassEpisodeSampler(data, ways=4, shots=2, queries=1).sample(3, torch.Generator().manual_seed(0))
+    assert batch.ways == 4 and batch.task == "classification"
+    assert collate_episodes([batch, batch]).ways == 4
+    assert default_convert(batch).ways == 4
+    assert move_data_to_device(batch, "cpu").ways == 4
+    # A batch built by hand without ways: counted once from its labels.
+    assert episode_ways(EpisodeBatch(*batch.tensors)) == 4
+    assert EpisodeBatch(*batch.tensors).ways is None

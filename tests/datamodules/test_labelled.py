@@ -92,7 +92,7 @@ def test_validation_and_test_episodes_are_those_of_episode_mode():
         dm.setup("test")
     for split in ("val_dataloader", "test_dataloader"):
         for a, b in zip(getattr(episodic, split)(), getattr(pretraining, split)(), strict=True):
-            for x, y in zip(a, b, strict=True):
+            for x, y in zip(a.tensors, b.tensors, strict=True):
                 assert torch.equal(x, y)
 
 

@@ -48,7 +48,8 @@ def random_images(counts: list[int], side: int = 3) -> ClassImages:
 
 def assert_identical(a: EpisodeBatch, b: EpisodeBatch) -> None:
     assert isinstance(a, EpisodeBatch) and isinstance(b, EpisodeBatch)
-    for x, y in zip(a, b, strict=True):
+    assert None in (a.ways, b.ways) or a.ways == b.ways
+    for x, y in zip(a.tensors, b.tensors, strict=True):
         assert x.dtype == y.dtype and x.shape == y.shape
         assert torch.equal(x, y)
 
@@ -63,7 +64,7 @@ def test_sample_and_draw_gather_are_bit_identical_to_the_old_sampler(counts, num
         index = sampler.draw(num_tasks, torch.Generator().manual_seed(seed))
         assert index.dtype == torch.int64 and index.shape == (num_tasks, 5, 7)
         assert_identical(sampler.gather(index), old)
-        assert all(part.is_contiguous() for part in sampler.gather(index))
+        assert all(part.is_contiguous() for part in sampler.gather(index).tensors)
         # Draws concatenated along the task dimension gather as one batch.
         halves = sampler.gather(torch.cat([index[:1], index[1:]]))
         assert_identical(halves, old)
@@ -96,7 +97,7 @@ def test_stream_batches_are_the_gathered_plans_and_match_the_old_sampler(split):
             assert batch.num_tasks == (4 if j < 5 else 2)
             for t, i in enumerate(range(4 * j, 4 * j + batch.num_tasks)):
                 old = old_sample(s.source, 1, s._episode_generator(i))
-                assert_identical(EpisodeBatch(*(part[t : t + 1] for part in batch)), old)
+                assert_identical(EpisodeBatch(*(part[t : t + 1] for part in batch.tensors), batch.ways), old)
         else:
             assert_identical(batch, old_sample(s.source, 4, s._train_generator(j)))
 
@@ -195,11 +196,11 @@ class Recorder(pl.LightningModule):
         self.seen: list[tuple[str, int, list[torch.Tensor]]] = []
 
     def training_step(self, batch, batch_idx):
-        self.seen.append(("train", self.current_epoch, [t.clone() for t in batch]))
+        self.seen.append(("train", self.current_epoch, [t.clone() for t in batch.tensors]))
         return self.weight * batch.support_x.mean()
 
     def validation_step(self, batch, batch_idx):
-        self.seen.append(("val", self.current_epoch, [t.clone() for t in batch]))
+        self.seen.append(("val", self.current_epoch, [t.clone() for t in batch.tensors]))
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
