@@ -9,7 +9,9 @@
 A command that appears on several pages (the README's Quick start and docs/getting-started.md) is tested once.
 """
 
+import ast
 import functools
+import graphlib
 import importlib
 import inspect
 import os
@@ -226,3 +228,39 @@ def test_sinusoid_command_with_the_default_inner_lr_stops_with_an_error_naming_i
 def test_importing_the_packages_does_not_import_learn2learn():
     code = "import sys, lightning_meta, datamodules, lightning_meta.cli; assert 'learn2learn' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def room_of(module: str) -> str:
+    """The room of a dotted module name: a top-level module or subpackage of lightning_meta or datamodules."""
+    return ".".join(module.split(".")[:2])
+
+
+def test_no_import_runs_upward():
+    """docs/architecture.md: datamodules imports nothing of lightning_meta; the rooms import each other in no circle."""
+    graph: dict[str, set[str]] = {}
+    for package in ("lightning_meta", "datamodules"):
+        for path in (REPO / package).rglob("*.py"):
+            parts = path.relative_to(REPO).with_suffix("").parts
+            if parts[-1] == "__init__":
+                continue  # a package's __init__ re-exports its rooms; it is no room of its own
+            room, where = room_of(".".join(parts)), parts[:-1]
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom):
+                    base = list(where[: len(where) - node.level + 1]) if node.level else []
+                    names = [".".join([*base, node.module]) if node.module else ".".join(base)]
+                elif isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                else:
+                    continue
+                for name in names:
+                    target = room_of(name)
+                    if name.split(".")[0] in ("lightning_meta", "datamodules") and "." in target and target != room:
+                        graph.setdefault(room, set()).add(target)
+    assert graph, "no imports found: the scan is broken"
+    upward = sorted(f"{room} -> {target}" for room, targets in graph.items() for target in targets
+                    if room.startswith("datamodules") and target.startswith("lightning_meta"))  # fmt: skip
+    assert not upward, f"datamodules imports lightning_meta: {upward}"
+    try:
+        tuple(graphlib.TopologicalSorter(graph).static_order())
+    except graphlib.CycleError as err:
+        pytest.fail(f"rooms import each other in a circle: {' -> '.join(err.args[1])}")
