@@ -81,6 +81,22 @@ def test_generic_qp_solves_a_box_projection():
     torch.testing.assert_close(sol.z, expected, rtol=0, atol=1e-9)
 
 
+@pytest.mark.parametrize("ways, shots", [(5, 1), (5, 5), (20, 1)])
+def test_svm_iterates_are_qpths(ways, shots):
+    """Each early iterate, not only the optimum, is qpth's (MetaOptNet's solver), so its 3 test iterations agree."""
+    QPFunction = pytest.importorskip("qpth.qp", reason="qpth (learn2learn's QP solver) is not installed").QPFunction
+
+    x, labels = episode(3, ways, shots, 64, seed=7)
+    kernel = 0.1 * x @ x.transpose(1, 2)
+    for iterations in (1, 2, 3, 4, 15):
+        ours = crammer_singer_svm(kernel, labels, ways, C=0.1, iterations=iterations).alpha
+        qpth = QPFunction(verbose=-1, maxIter=iterations)
+        for t in range(3):  # one task at a time, as learn2learn's SVClassifier calls it
+            Q, p, G, h, A, b = (v[0] for v in dense_problem(kernel[t : t + 1], labels[t : t + 1], ways, 0.1))
+            theirs = qpth(Q, p, G, h, A, b).view(ways * shots, ways)
+            torch.testing.assert_close(ours[t], theirs, rtol=0, atol=1e-12, msg=f"iterations={iterations}, task {t}")
+
+
 def test_svm_gradient_matches_finite_differences():
     x, labels = episode(2, 3, 2, 5, seed=3)
     query = torch.randn(2, 4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
