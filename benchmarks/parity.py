@@ -312,8 +312,8 @@ class L2LANIL(Reference):
         return torch.stack([self.task(batch, t, self.steps_eval).detach() for t in range(batch.num_tasks)])
 
 
-class PerTaskMetric(Reference):
-    """A metric-based reference: ``logits`` of one task, the mean of the tasks' query losses, train/eval modes."""
+class MetricReference(Reference):
+    """A reference trained end to end on the query loss of ``batch_logits``: train mode to train, eval mode to test."""
 
     model: nn.Module
 
@@ -322,12 +322,21 @@ class PerTaskMetric(Reference):
         return F.cross_entropy(logits, target)
 
     def logits(self, batch: EpisodeBatch, t: int) -> Tensor:
+        """Task ``t``'s query logits (the default ``batch_logits`` calls it per task)."""
         raise NotImplementedError
+
+    def batch_logits(self, batch: EpisodeBatch, training: bool) -> Tensor:
+        """``[B, N*Q, N]`` query logits of a meta-batch, in training or at test."""
+        return torch.stack([self.logits(batch, t) for t in range(batch.num_tasks)])
+
+    def batch_loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        """The mean of the tasks' query losses."""
+        return torch.stack([self.loss(lg, y) for lg, y in zip(logits, target, strict=True)]).mean()
 
     def train_step(self, batch: EpisodeBatch, i: int) -> float:
         self.model.train()
         self.optimizer.zero_grad()
-        loss = torch.stack([self.loss(self.logits(batch, t), batch.query_y[t]) for t in range(batch.num_tasks)]).mean()
+        loss = self.batch_loss(self.batch_logits(batch, True), batch.query_y)
         loss.backward()
         self.optimizer.step()
         return loss.item()
@@ -335,10 +344,10 @@ class PerTaskMetric(Reference):
     def predict(self, batch: EpisodeBatch) -> Tensor:
         self.model.eval()
         with torch.no_grad():
-            return torch.stack([self.logits(batch, t) for t in range(batch.num_tasks)])
+            return self.batch_logits(batch, False)
 
 
-class L2LProtoNet(PerTaskMetric):
+class L2LProtoNet(MetricReference):
     """learn2learn's ProtoNet recipe: one pass over support and query, class means, negative squared distances."""
 
     def __init__(self, ours: Any, meta_batches: int, epoch_batches: int) -> None:
@@ -359,7 +368,7 @@ class L2LProtoNet(PerTaskMetric):
         return self.pairwise_distances_logits(embeddings[len(support_y) :], support)
 
 
-class L2LMetaOptNet(Reference):
+class L2LMetaOptNet(MetricReference):
     """learn2learn's ``SVClassifier`` (qpth's QP solver) per task, times a learned scale as in Lee et al.'s code.
 
     The meta-batch is embedded in one pass, as ours does, and the QP is solved in our ``solver_dtype``
@@ -379,7 +388,8 @@ class L2LMetaOptNet(Reference):
             raise ValueError("the SVClassifier reference needs head='svm' and label_smoothing=0")
         self.outer([*self.model.parameters(), self.scale], ours)
 
-    def logits(self, batch: EpisodeBatch, iters: int) -> Tensor:
+    def batch_logits(self, batch: EpisodeBatch, training: bool) -> Tensor:
+        iters = self.iters if training else self.iters_eval
         x = torch.cat([batch.support_x, batch.query_x], dim=1)
         z = self.model(x.flatten(0, 1)).view(*x.shape[:2], -1).to(self.dtype)
         shots_total = batch.support_x.shape[1]
@@ -396,19 +406,8 @@ class L2LMetaOptNet(Reference):
             torch.set_default_dtype(default)
         return torch.stack(out).float()
 
-    def train_step(self, batch: EpisodeBatch, i: int) -> float:
-        self.model.train()
-        self.optimizer.zero_grad()
-        logits = self.logits(batch, self.iters)
-        loss = F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten())
-        loss.backward()
-        self.optimizer.step()
-        return loss.item()
-
-    def predict(self, batch: EpisodeBatch) -> Tensor:
-        self.model.eval()
-        with torch.no_grad():
-            return self.logits(batch, self.iters_eval)
+    def batch_loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        return F.cross_entropy(logits.flatten(0, 1), target.flatten())
 
 
 class L2LReptile(Reference):
@@ -474,7 +473,7 @@ class L2LReptile(Reference):
         return torch.stack(out)
 
 
-class EasyFSLMatchingNet(PerTaskMetric):
+class EasyFSLMatchingNet(MetricReference):
     """easyfsl's ``MatchingNetworks`` with its full context embeddings switched off (the shipped configs have
     ``fce: false``; easyfsl always uses its own FCE): cosine attention on normalised support features,
     log-probabilities, NLL loss, support and query embedded in separate passes as easyfsl does."""
