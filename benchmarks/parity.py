@@ -726,6 +726,29 @@ def run_row(method: str, setting: str, args: argparse.Namespace) -> dict[str, An
     return record
 
 
+def cross_only(path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Add ``--cross`` to a row already in the ledger without testing ours again (Reptile's test takes ~25 min).
+
+    Ours is trained again from the same config and batches; its training losses must equal the
+    ledger's (the same weights, so the ledger's per-episode accuracies of ours are this model's),
+    then theirs is tested on those weights and paired with them.
+    """
+    record = json.loads(path.read_text())
+    model, dm, _ = build(record["method"], record["setting"], args.root, record.get("extra") or [])
+    _, recorder, _ = train_ours(model, dm, record["meta_batches"])
+    if windows(recorder.losses) != record["ours"]["loss"]:
+        raise RuntimeError(
+            f"ours trained to other losses than {path} records ({windows(recorder.losses)} vs "
+            f"{record['ours']['loss']}): the code changed since; run the row again with --force"
+        )
+    cross = reference_for(record["method"], model, record["meta_batches"], dm)
+    prints = [fingerprint(batch) for batch in test_batches(dm)]
+    theirs, theirs_s = test_theirs(cross, dm, prints)
+    record["theirs_on_our_weights"] = paired(record["ours"]["episode_acc"], 0.0, theirs, theirs_s)
+    record["cross_machine"] = machine()
+    return record
+
+
 def step_losses(
     method: str,
     setting: str,
@@ -819,6 +842,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--extra", default="", help='more CLI overrides of the config, one string: --extra="--a.b 1"')
     parser.add_argument("--force", action="store_true", help="run rows already in --out again")
     parser.add_argument("--cross", action="store_true", help="also test theirs on the weights ours trained")
+    parser.add_argument(
+        "--cross_only", action="store_true", help="add --cross to rows in --out: retrain ours (checked), test theirs"
+    )
     parser.add_argument("--tag", default="", help="a variant's name (with --extra): its own ledger file and row")
     parser.add_argument("--table", action="store_true", help="print the markdown table of the records in --out")
     args = parser.parse_args(argv)
@@ -834,6 +860,10 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             mode = f"steps{args.steps}" if args.steps else f"mb{args.meta_batches}"
             path = args.out / f"{method}_{setting}_{mode}{'_' + args.tag if args.tag else ''}.json"
+            if args.cross_only:
+                write_json(path, cross_only(path, args))
+                print(f"{path}: {json.dumps(json.loads(path.read_text())['theirs_on_our_weights']['difference'])}")
+                continue
             if path.exists() and not args.force:
                 print(f"{path} exists; skipped (--force to run again)")
                 continue
