@@ -81,6 +81,8 @@ def _check_positive(name: str, value: Any, zero_ok: bool = False) -> float:
 #: ``_EPS`` or after ``_NOT_IMPROVED`` iterations in a row that did not lower it.
 _EPS = 1e-12
 _NOT_IMPROVED = 3
+#: qpth's backward clamps slacks and multipliers at this floor before forming ``D = lam / s``.
+_BACKWARD_FLOOR = 1e-8
 
 
 # ----------------------------------------------------------------------------- the interior-point loop
@@ -235,7 +237,8 @@ class _CrammerSingerDual(torch.autograd.Function):
         with torch.autocast(q.device.type, enabled=False):
             # d alpha solves [[Q + D, A'], [A, 0]] [d alpha; d nu] = [-dQ alpha; 0] with D = lam / s
             # (the differentiated complementarity), so dL/dQ = -u alpha' for [u; w] = KKT^-1 [dL/d alpha; 0].
-            h_inv, schur = _cs_factor(q, _weights(s, lam, _scale(q)))
+            # D is qpth's, slack and multiplier clamped at 1e-8: the gradient MetaOptNet trains with.
+            h_inv, schur = _cs_factor(q, lam.clamp(min=_BACKWARD_FLOOR) / s.clamp(min=_BACKWARD_FLOOR))
             u, _w = _cs_solve(h_inv, schur, grad_alpha.to(q.dtype), torch.zeros_like(alpha[:, 0]))
             grad_q = u.transpose(1, 2) @ alpha
             grad_q = -0.5 * (grad_q + grad_q.transpose(1, 2))

@@ -44,13 +44,13 @@ LOOP = ["--model.init_args.task_batching", "loop"]  # the path "auto" picks for 
         ("fomaml", LOOP, 1e-5),
         ("metasgd", LOOP, 1e-5),
         ("anil", [], 1e-5),  # the shipped path: task_batching batched, body_batching sets
-        # The SVM: our batched interior-point solver against qpth's, both float64, 15 iterations; Nesterov
-        # momentum at lr 0.1 amplifies their last-digit differences by the fourth step.
-        ("metaoptnet", [], 1e-4),
+        # The SVM: our batched interior-point solver against qpth's, both float64, 15 iterations. Before our
+        # loop and backward followed qpth's, Nesterov momentum at lr 0.1 made their ~1e-5 gradient difference 1e-3.
+        ("metaoptnet", [], 1e-5),
     ],
 )
 def test_first_steps_match_reference(method, extra, tolerance, omniglot_cache):
-    record = steps(method, omniglot_cache, 3, extra)
+    record = steps(method, omniglot_cache, 5 if method == "metaoptnet" else 3, extra)
     assert record["first_relative"] < tolerance, record
     assert record["max_relative"] < tolerance, record
     assert record["ours"][-1] != record["ours"][0]  # it trained
