@@ -583,6 +583,8 @@ def machine() -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "commit": commit(),
+        # A shared machine's wall times mean little without it: 1, 5 and 15 min load averages at the row's end.
+        "loadavg": [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]],
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -781,9 +783,14 @@ def _cells(result: dict[str, Any]) -> str:
 def table(out: Path) -> str:
     """The markdown table of every accuracy record in ``out`` (and the step comparisons), from the JSON files.
 
+    Beside each row's budget, the whole schedule of its config in meta-batches (``?`` where it is not in
+    episodes), whose header says how it follows the paper's.
+
     Below a row: the reference tested on the weights ours trained (``--cross``), MetaOptNet at 15 solver
     iterations, and for a variant (``--tag``) the paired difference of its ours from the untagged row's ours.
     """
+    from reproduce import config_schedule  # the sibling benchmark's reading of a config's schedule
+
     records = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
     order = {m: i for i, m in enumerate(METHODS)}
     acc = sorted(
@@ -792,14 +799,15 @@ def table(out: Path) -> str:
     )
     plain = {(r["method"], r["setting"], r["meta_batches"]): r for r in acc if not r.get("tag")}
     lines = [
-        "| method | setting | reference | meta-batches | ours acc % | theirs acc % | ours - theirs (paired) "
-        "| within CI | ours train / test | theirs train / test |",
+        "| method | setting | reference | meta-batches (config's schedule) | ours acc % | theirs acc % "
+        "| ours - theirs (paired) | within CI | ours train / test | theirs train / test |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in acc:
         o, t = r["ours"], r["theirs"]
         name = r["method"] + (f" [{' '.join(r['extra'])}]" if r.get("tag") else "")
-        head = f"| {name} | {r['setting']} | {r['reference']} | {r['meta_batches']} "
+        schedule = config_schedule(REPO / r["config"].split()[0])
+        head = f"| {name} | {r['setting']} | {r['reference']} | {r['meta_batches']} ({schedule}) "
         theirs_train = f"{t['train_s'] / 60:.1f} min" if t.get("trained", True) else "(ours)"
         lines.append(head + _cells(r) + f"| {o['train_s'] / 60:.1f} min / {o['test_s']:.0f} s "
                      f"| {theirs_train} / {t['test_s']:.0f} s |")  # fmt: skip
@@ -823,8 +831,11 @@ def table(out: Path) -> str:
     if records:
         m = records[-1]["machine"]
         commits = sorted({r["machine"]["commit"] for r in records})
-        lines += ["", f"Machine: {m['cpu']} ({m['cores']} cores, bf16 flags {m['bf16_flags'] or 'none'}), "
-                  f"{m['threads']} thread per run, torch {m['torch']}, commit {', '.join(commits)}."]  # fmt: skip
+        loads = sorted(r["machine"]["loadavg"][1] for r in records if "loadavg" in r["machine"])
+        load = f", 5-min load average at the end of a row {loads[0]:.1f} to {loads[-1]:.1f}" if loads else ""
+        amx = "" if "amx_bf16" in m["bf16_flags"] else ", no AMX"
+        lines += ["", f"Machine: {m['cpu']} ({m['cores']} cores, bf16 flags {m['bf16_flags'] or 'none'}{amx}), "
+                  f"{m['threads']} thread per run{load}, torch {m['torch']}, commit {', '.join(commits)}."]  # fmt: skip
     return "\n".join(lines)
 
 
