@@ -5,8 +5,8 @@ multi-class linear SVM of Crammer and Singer (2001) that MetaOptNet fits on the 
 et al. 2019, eq. 4 and their code), with a primal-dual interior-point method (Mehrotra's
 predictor-corrector, iterate for iterate as qpth/OptNet, Amos and Kolter 2017, so that MetaOptNet's
 iteration counts mean what they mean there). The problem's structure (one kernel block per class,
-one equality per support example) makes each Newton step ``ways`` Cholesky
-factorisations of ``n x n`` matrices plus one ``n x n`` Schur complement, rather than one LU of the
+one equality per support example) makes each Newton step ``ways`` Cholesky factorisations of
+``n x n`` matrices plus one ``n x n`` Schur complement, rather than one LU of the
 ``(n * ways)``-square KKT matrix that a generic QP solver factorises. Its gradient with respect to
 the kernel comes from implicit differentiation of the KKT conditions at the returned iterate (Lee
 et al. 2019, theorem 1; Amos and Kolter 2017, section 3), so no graph through the iterations is kept.
