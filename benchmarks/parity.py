@@ -312,8 +312,8 @@ class L2LANIL(Reference):
         return torch.stack([self.task(batch, t, self.steps_eval).detach() for t in range(batch.num_tasks)])
 
 
-class PerTaskMetric(Reference):
-    """A metric-based reference: ``logits`` of one task, the mean of the tasks' query losses, train/eval modes."""
+class MetricReference(Reference):
+    """A reference trained end to end on the query loss of ``batch_logits``: train mode to train, eval mode to test."""
 
     model: nn.Module
 
@@ -322,12 +322,21 @@ class PerTaskMetric(Reference):
         return F.cross_entropy(logits, target)
 
     def logits(self, batch: EpisodeBatch, t: int) -> Tensor:
+        """Task ``t``'s query logits (the default ``batch_logits`` calls it per task)."""
         raise NotImplementedError
+
+    def batch_logits(self, batch: EpisodeBatch, training: bool) -> Tensor:
+        """``[B, N*Q, N]`` query logits of a meta-batch, in training or at test."""
+        return torch.stack([self.logits(batch, t) for t in range(batch.num_tasks)])
+
+    def batch_loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        """The mean of the tasks' query losses."""
+        return torch.stack([self.loss(lg, y) for lg, y in zip(logits, target, strict=True)]).mean()
 
     def train_step(self, batch: EpisodeBatch, i: int) -> float:
         self.model.train()
         self.optimizer.zero_grad()
-        loss = torch.stack([self.loss(self.logits(batch, t), batch.query_y[t]) for t in range(batch.num_tasks)]).mean()
+        loss = self.batch_loss(self.batch_logits(batch, True), batch.query_y)
         loss.backward()
         self.optimizer.step()
         return loss.item()
@@ -335,10 +344,10 @@ class PerTaskMetric(Reference):
     def predict(self, batch: EpisodeBatch) -> Tensor:
         self.model.eval()
         with torch.no_grad():
-            return torch.stack([self.logits(batch, t) for t in range(batch.num_tasks)])
+            return self.batch_logits(batch, False)
 
 
-class L2LProtoNet(PerTaskMetric):
+class L2LProtoNet(MetricReference):
     """learn2learn's ProtoNet recipe: one pass over support and query, class means, negative squared distances."""
 
     def __init__(self, ours: Any, meta_batches: int, epoch_batches: int) -> None:
@@ -359,7 +368,7 @@ class L2LProtoNet(PerTaskMetric):
         return self.pairwise_distances_logits(embeddings[len(support_y) :], support)
 
 
-class L2LMetaOptNet(Reference):
+class L2LMetaOptNet(MetricReference):
     """learn2learn's ``SVClassifier`` (qpth's QP solver) per task, times a learned scale as in Lee et al.'s code.
 
     The meta-batch is embedded in one pass, as ours does, and the QP is solved in our ``solver_dtype``
@@ -379,7 +388,8 @@ class L2LMetaOptNet(Reference):
             raise ValueError("the SVClassifier reference needs head='svm' and label_smoothing=0")
         self.outer([*self.model.parameters(), self.scale], ours)
 
-    def logits(self, batch: EpisodeBatch, iters: int) -> Tensor:
+    def batch_logits(self, batch: EpisodeBatch, training: bool) -> Tensor:
+        iters = self.iters if training else self.iters_eval
         x = torch.cat([batch.support_x, batch.query_x], dim=1)
         z = self.model(x.flatten(0, 1)).view(*x.shape[:2], -1).to(self.dtype)
         shots_total = batch.support_x.shape[1]
@@ -396,19 +406,8 @@ class L2LMetaOptNet(Reference):
             torch.set_default_dtype(default)
         return torch.stack(out).float()
 
-    def train_step(self, batch: EpisodeBatch, i: int) -> float:
-        self.model.train()
-        self.optimizer.zero_grad()
-        logits = self.logits(batch, self.iters)
-        loss = F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten())
-        loss.backward()
-        self.optimizer.step()
-        return loss.item()
-
-    def predict(self, batch: EpisodeBatch) -> Tensor:
-        self.model.eval()
-        with torch.no_grad():
-            return self.logits(batch, self.iters_eval)
+    def batch_loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        return F.cross_entropy(logits.flatten(0, 1), target.flatten())
 
 
 class L2LReptile(Reference):
@@ -474,7 +473,7 @@ class L2LReptile(Reference):
         return torch.stack(out)
 
 
-class EasyFSLMatchingNet(PerTaskMetric):
+class EasyFSLMatchingNet(MetricReference):
     """easyfsl's ``MatchingNetworks`` with its full context embeddings switched off (the shipped configs have
     ``fce: false``; easyfsl always uses its own FCE): cosine attention on normalised support features,
     log-probabilities, NLL loss, support and query embedded in separate passes as easyfsl does."""
@@ -584,6 +583,8 @@ def machine() -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "commit": commit(),
+        # A shared machine's wall times mean little without it: 1, 5 and 15 min load averages at the row's end.
+        "loadavg": [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]],
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -727,6 +728,29 @@ def run_row(method: str, setting: str, args: argparse.Namespace) -> dict[str, An
     return record
 
 
+def cross_only(path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Add ``--cross`` to a row already in the ledger without testing ours again (Reptile's test takes ~25 min).
+
+    Ours is trained again from the same config and batches; its training losses must equal the
+    ledger's (the same weights, so the ledger's per-episode accuracies of ours are this model's),
+    then theirs is tested on those weights and paired with them.
+    """
+    record = json.loads(path.read_text())
+    model, dm, _ = build(record["method"], record["setting"], args.root, record.get("extra") or [])
+    _, recorder, _ = train_ours(model, dm, record["meta_batches"])
+    if windows(recorder.losses) != record["ours"]["loss"]:
+        raise RuntimeError(
+            f"ours trained to other losses than {path} records ({windows(recorder.losses)} vs "
+            f"{record['ours']['loss']}): the code changed since; run the row again with --force"
+        )
+    cross = reference_for(record["method"], model, record["meta_batches"], dm)
+    prints = [fingerprint(batch) for batch in test_batches(dm)]
+    theirs, theirs_s = test_theirs(cross, dm, prints)
+    record["theirs_on_our_weights"] = paired(record["ours"]["episode_acc"], 0.0, theirs, theirs_s)
+    record["cross_machine"] = machine()
+    return record
+
+
 def step_losses(
     method: str,
     setting: str,
@@ -759,9 +783,14 @@ def _cells(result: dict[str, Any]) -> str:
 def table(out: Path) -> str:
     """The markdown table of every accuracy record in ``out`` (and the step comparisons), from the JSON files.
 
+    Beside each row's budget, the whole schedule of its config in meta-batches (``?`` where it is not in
+    episodes), whose header says how it follows the paper's.
+
     Below a row: the reference tested on the weights ours trained (``--cross``), MetaOptNet at 15 solver
     iterations, and for a variant (``--tag``) the paired difference of its ours from the untagged row's ours.
     """
+    from reproduce import config_schedule  # the sibling benchmark's reading of a config's schedule
+
     records = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
     order = {m: i for i, m in enumerate(METHODS)}
     acc = sorted(
@@ -770,14 +799,15 @@ def table(out: Path) -> str:
     )
     plain = {(r["method"], r["setting"], r["meta_batches"]): r for r in acc if not r.get("tag")}
     lines = [
-        "| method | setting | reference | meta-batches | ours acc % | theirs acc % | ours - theirs (paired) "
-        "| within CI | ours train / test | theirs train / test |",
+        "| method | setting | reference | meta-batches (config's schedule) | ours acc % | theirs acc % "
+        "| ours - theirs (paired) | within CI | ours train / test | theirs train / test |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in acc:
         o, t = r["ours"], r["theirs"]
         name = r["method"] + (f" [{' '.join(r['extra'])}]" if r.get("tag") else "")
-        head = f"| {name} | {r['setting']} | {r['reference']} | {r['meta_batches']} "
+        schedule = config_schedule(REPO / r["config"].split()[0])
+        head = f"| {name} | {r['setting']} | {r['reference']} | {r['meta_batches']} ({schedule}) "
         theirs_train = f"{t['train_s'] / 60:.1f} min" if t.get("trained", True) else "(ours)"
         lines.append(head + _cells(r) + f"| {o['train_s'] / 60:.1f} min / {o['test_s']:.0f} s "
                      f"| {theirs_train} / {t['test_s']:.0f} s |")  # fmt: skip
@@ -793,16 +823,20 @@ def table(out: Path) -> str:
                          + _cells(diff) + "| | |")  # fmt: skip
     steps = [r for r in records if r["mode"] == "steps"]
     if steps:
-        lines += ["", "| method | setting | steps | step-1 loss ours / theirs | max relative difference |",
-                  "|---|---|---|---|---|"]  # fmt: skip
+        lines += ["", "| method | setting | steps | step-1 loss ours / theirs | first steps within 1e-6 (fp32 noise) "
+                  "| max relative difference |", "|---|---|---|---|---|---|"]  # fmt: skip
         for r in sorted(steps, key=lambda r: (r["setting"], order.get(r["method"], 99))):
+            same = next((i for i, x in enumerate(r["relative"]) if x > 1e-6), len(r["relative"]))
             lines.append(f"| {r['method']} | {r['setting']} | {r['steps']} | {r['ours'][0]:.5f} / "
-                         f"{r['theirs'][0]:.5f} | {r['max_relative']:.1e} |")  # fmt: skip
+                         f"{r['theirs'][0]:.5f} | {same} | {r['max_relative']:.1e} |")  # fmt: skip
     if records:
         m = records[-1]["machine"]
         commits = sorted({r["machine"]["commit"] for r in records})
-        lines += ["", f"Machine: {m['cpu']} ({m['cores']} cores, bf16 flags {m['bf16_flags'] or 'none'}), "
-                  f"{m['threads']} thread per run, torch {m['torch']}, commit {', '.join(commits)}."]  # fmt: skip
+        loads = sorted(r["machine"]["loadavg"][1] for r in records if "loadavg" in r["machine"])
+        load = f", 5-min load average at the end of a row {loads[0]:.1f} to {loads[-1]:.1f}" if loads else ""
+        amx = "" if "amx_bf16" in m["bf16_flags"] else ", no AMX"
+        lines += ["", f"Machine: {m['cpu']} ({m['cores']} cores, bf16 flags {m['bf16_flags'] or 'none'}{amx}), "
+                  f"{m['threads']} thread per run{load}, torch {m['torch']}, commit {', '.join(commits)}."]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -820,6 +854,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--extra", default="", help='more CLI overrides of the config, one string: --extra="--a.b 1"')
     parser.add_argument("--force", action="store_true", help="run rows already in --out again")
     parser.add_argument("--cross", action="store_true", help="also test theirs on the weights ours trained")
+    parser.add_argument(
+        "--cross_only", action="store_true", help="add --cross to rows in --out: retrain ours (checked), test theirs"
+    )
     parser.add_argument("--tag", default="", help="a variant's name (with --extra): its own ledger file and row")
     parser.add_argument("--table", action="store_true", help="print the markdown table of the records in --out")
     args = parser.parse_args(argv)
@@ -835,6 +872,10 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             mode = f"steps{args.steps}" if args.steps else f"mb{args.meta_batches}"
             path = args.out / f"{method}_{setting}_{mode}{'_' + args.tag if args.tag else ''}.json"
+            if args.cross_only:
+                write_json(path, cross_only(path, args))
+                print(f"{path}: {json.dumps(json.loads(path.read_text())['theirs_on_our_weights']['difference'])}")
+                continue
             if path.exists() and not args.force:
                 print(f"{path} exists; skipped (--force to run again)")
                 continue

@@ -3,9 +3,10 @@
 :func:`crammer_singer_svm` solves, for every task of a meta-batch at once, the dual of the
 multi-class linear SVM of Crammer and Singer (2001) that MetaOptNet fits on the support set (Lee
 et al. 2019, eq. 4 and their code), with a primal-dual interior-point method (Mehrotra's
-predictor-corrector, as qpth/OptNet, Amos and Kolter 2017). The problem's structure (one kernel
-block per class, one equality per support example) makes each Newton step ``ways`` Cholesky
-factorisations of ``n x n`` matrices plus one ``n x n`` Schur complement, rather than one LU of the
+predictor-corrector, iterate for iterate as qpth/OptNet, Amos and Kolter 2017, so that MetaOptNet's
+iteration counts mean what they mean there). The problem's structure (one kernel block per class,
+one equality per support example) makes each Newton step ``ways`` Cholesky factorisations of
+``n x n`` matrices plus one ``n x n`` Schur complement, rather than one LU of the
 ``(n * ways)``-square KKT matrix that a generic QP solver factorises. Its gradient with respect to
 the kernel comes from implicit differentiation of the KKT conditions at the returned iterate (Lee
 et al. 2019, theorem 1; Amos and Kolter 2017, section 3), so no graph through the iterations is kept.
@@ -76,27 +77,23 @@ def _check_positive(name: str, value: Any, zero_ok: bool = False) -> float:
     return float(value)
 
 
-def _default_tol(dtype: torch.dtype) -> float:
-    # float32 cannot reach a gap small enough to bound the error of alpha (which is about the gap
-    # over the smallest active multiplier), so it runs every iteration it is given.
-    return 1e-15 if dtype == torch.float64 else 0.0
+#: qpth's defaults (``QPFunction(eps=1e-12, notImprovedLim=3)``): a task stops once its merit is below
+#: ``_EPS`` or after ``_NOT_IMPROVED`` iterations in a row that did not lower it.
+_EPS = 1e-12
+_NOT_IMPROVED = 3
+#: qpth's backward clamps slacks and multipliers at this floor before forming ``D = lam / s``.
+_BACKWARD_FLOOR = 1e-8
 
 
 # ----------------------------------------------------------------------------- the interior-point loop
 def _max_step(v: Tensor, dv: Tensor) -> Tensor:
-    """Per task, the largest ``t <= 1`` with ``v + t dv >= 0`` (``v > 0``)."""
-    ratio = torch.where(dv < 0, -v / dv.clamp(max=-torch.finfo(v.dtype).tiny), torch.ones_like(v))
-    return ratio.flatten(1).amin(1).clamp(max=1.0)
+    """Per task, the largest ``t`` with ``v + t dv >= 0`` (``v > 0``); ``inf`` where no entry decreases."""
+    ratio = torch.where(dv < 0, -v / dv.clamp(max=-torch.finfo(v.dtype).tiny), torch.full_like(v, math.inf))
+    return ratio.flatten(1).amin(1)
 
 
 def _bcast(t: Tensor, like: Tensor) -> Tensor:
     return t.view(-1, *([1] * (like.dim() - 1)))
-
-
-def _worst(r_d: Tensor, r_p: Tensor, r_e: Tensor, mu: Tensor) -> Tensor:
-    """Per task, the largest KKT residual or the mean complementarity gap ``mu``."""
-    parts = [r.flatten(1).abs().amax(1) for r in (r_d, r_p, r_e) if r[0].numel()]
-    return torch.stack([*parts, mu]).amax(0)
 
 
 def _weights(s: Tensor, lam: Tensor, scale: Tensor) -> Tensor:
@@ -109,7 +106,7 @@ def _weights(s: Tensor, lam: Tensor, scale: Tensor) -> Tensor:
 
 
 def _scale(q: Tensor) -> Tensor:
-    """Per task, the size of the quadratic term that the tolerance is relative to."""
+    """Per task, the size of the quadratic term (bounds ``D`` in :func:`_weights`)."""
     return 1 + q.diagonal(dim1=-2, dim2=-1).abs().amax(-1)
 
 
@@ -124,41 +121,44 @@ def _mehrotra(
     tol: float,
     scale: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Mehrotra's predictor-corrector primal-dual interior-point iterations, batched over tasks.
+    """Mehrotra's predictor-corrector primal-dual interior-point iterations, batched over tasks, as qpth's.
 
     ``residuals(z, s, lam, nu)`` returns the dual (stationarity), inequality and equality
     residuals; ``factor(s, lam, D)`` factorises the Newton system at ``s, lam`` with ``D = lam / s``
-    and returns the function that solves it for right-hand sides ``(r_d, r_p, r_e, r_c)``. A task
-    stops moving once its residuals plus its total complementarity gap are below ``tol * scale``
-    (``scale`` is per task), or when a step would leave the interior or overflow (at the limits of
-    the precision), keeping its last good iterate. Returns ``z, s, lam, nu`` and which tasks converged.
+    and returns the function that solves it for right-hand sides ``(r_d, r_p, r_e, r_c)``.
+
+    The loop is qpth's (``qpth.solvers.pdipm.batch.forward``, Amos and Kolter 2017), so that
+    MetaOptNet's iteration counts (15 in training, 3 at test) mean what they mean in its code:
+    ``iterations`` iterates are scored, the starting point first, and the best of them is returned
+    (the step after the last scored iterate is not taken); the score is the 2-norms of the three
+    residuals plus the total complementarity gap; the step is ``min(1, 0.999 t_max)``. Each task
+    stops on its own (qpth stops a batch) once its best score is below ``tol`` or has not improved
+    for 3 iterations, or when a step would leave the interior or overflow. Returns the best
+    ``z, s, lam, nu`` and which tasks reached ``tol``.
     """
 
-    def merit(z: Tensor, s: Tensor, lam: Tensor, nu: Tensor) -> tuple[Tensor, tuple[Tensor, ...], Tensor]:
-        r = residuals(z, s, lam, nu)
-        gap = s * lam
-        # qpth's measure: the residuals plus the total gap, which keeps falling after the residuals stall.
-        return _worst(*r, gap.flatten(1).mean(1)) + gap.flatten(1).sum(1), r, gap
-
-    def keep_better(best: list[Tensor], best_merit: Tensor, now: list[Tensor], now_merit: Tensor) -> Tensor:
-        better = now_merit < best_merit
+    def keep_better(best: list[Tensor], now: list[Tensor], better: Tensor) -> None:
         for i, (b, n) in enumerate(zip(best, now, strict=True)):
             best[i] = torch.where(_bcast(better, b), n, b)
-        return torch.where(better, now_merit, best_merit)
 
-    # At the limits of the precision (float32 especially) the iterates wander; keep each task's best.
     best, best_merit = [z, s, lam, nu], torch.full_like(scale, math.inf)
+    stalled = torch.zeros_like(scale, dtype=torch.int64)
     frozen = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
-    for _ in range(iterations):
-        worst, (r_d, r_p, r_e), gap = merit(z, s, lam, nu)
-        best_merit = keep_better(best, best_merit, [z, s, lam, nu], worst)
-        mu = gap.flatten(1).mean(1)
-        frozen = frozen | (worst <= tol * scale)
-        if bool(frozen.all()):
+    for i in range(iterations):
+        r_d, r_p, r_e = residuals(z, s, lam, nu)
+        gap = s * lam
+        merit = torch.stack([r.flatten(1).norm(dim=1) for r in (r_d, r_p, r_e)]).sum(0) + gap.flatten(1).sum(1)
+        better = ~frozen & (merit < best_merit)
+        keep_better(best, [z, s, lam, nu], better)
+        best_merit = torch.where(better, merit, best_merit)
+        stalled = torch.where(better, 0, stalled + 1)
+        frozen = frozen | (stalled >= _NOT_IMPROVED) | (best_merit < tol)
+        if i == iterations - 1 or bool(frozen.all()):
             break
+        mu = gap.flatten(1).mean(1)
         solve = factor(s, lam, _weights(s, lam, scale))
         _, ds_aff, dlam_aff, _ = solve(r_d, r_p, r_e, gap)
-        t = _bcast(torch.minimum(_max_step(s, ds_aff), _max_step(lam, dlam_aff)), s)
+        t = _bcast(torch.minimum(_max_step(s, ds_aff), _max_step(lam, dlam_aff)).clamp(max=1.0), s)
         sigma = (((s + t * ds_aff) * (lam + t * dlam_aff)).flatten(1).sum(1) / gap.flatten(1).sum(1)) ** 3
         r_c = gap + ds_aff * dlam_aff - _bcast(sigma * mu, s)
         dz, ds, dlam, dnu = solve(r_d, r_p, r_e, r_c)
@@ -169,10 +169,8 @@ def _mehrotra(
         frozen = frozen | ~ok
         # torch.where, not a zero step: a frozen task's Newton step may hold inf or nan.
         z, s, lam, nu = (torch.where(_bcast(frozen, v), v, n) for v, n in zip((z, s, lam, nu), new, strict=True))
-    else:
-        best_merit = keep_better(best, best_merit, [z, s, lam, nu], merit(z, s, lam, nu)[0])
     z, s, lam, nu = best
-    return z, s, lam, nu, best_merit <= tol * scale
+    return z, s, lam, nu, best_merit < tol
 
 
 def _shift_positive(v: Tensor) -> Tensor:
@@ -239,7 +237,8 @@ class _CrammerSingerDual(torch.autograd.Function):
         with torch.autocast(q.device.type, enabled=False):
             # d alpha solves [[Q + D, A'], [A, 0]] [d alpha; d nu] = [-dQ alpha; 0] with D = lam / s
             # (the differentiated complementarity), so dL/dQ = -u alpha' for [u; w] = KKT^-1 [dL/d alpha; 0].
-            h_inv, schur = _cs_factor(q, _weights(s, lam, _scale(q)))
+            # D is qpth's, slack and multiplier clamped at 1e-8: the gradient MetaOptNet trains with.
+            h_inv, schur = _cs_factor(q, lam.clamp(min=_BACKWARD_FLOOR) / s.clamp(min=_BACKWARD_FLOOR))
             u, _w = _cs_solve(h_inv, schur, grad_alpha.to(q.dtype), torch.zeros_like(alpha[:, 0]))
             grad_q = u.transpose(1, 2) @ alpha
             grad_q = -0.5 * (grad_q + grad_q.transpose(1, 2))
@@ -273,10 +272,11 @@ def crammer_singer_svm(
         labels: ``[B, n]`` integer labels in ``[0, ways)``.
         ways: number of classes ``N``; by default ``labels.max() + 1``.
         C: the SVM's cost (0.1 in MetaOptNet).
-        iterations: interior-point iterations at most (MetaOptNet: 15 in training, 3 at test).
+        iterations: qpth's ``maxIter``: the best of the first ``iterations`` interior-point iterates,
+            the starting point counting as the first (MetaOptNet: 15 in training, 3 at test).
         diag: added to the kernel's diagonal.
-        tol: a task stops once its KKT residuals and duality gap are below ``tol * (1 + max K_ii)``;
-            by default 1e-15 in float64 and 0 in float32 (every iteration runs).
+        tol: a task stops once the 2-norms of its KKT residuals plus its total duality gap are below
+            ``tol``; by default 1e-12, qpth's ``eps``.
         dtype: the solver's precision, whatever the input's (autocast is off inside).
 
     Returns:
@@ -296,9 +296,7 @@ def crammer_singer_svm(
         q = kernel.to(dtype)
         q = q + diag * torch.eye(q.shape[-1], dtype=dtype, device=q.device)
         y = torch.nn.functional.one_hot(labels.long(), ways).to(dtype).transpose(1, 2)  # [B, N, n]
-        alpha, s, lam, nu, done = _CrammerSingerDual.apply(
-            q, y, C, iterations, _default_tol(dtype) if tol is None else tol
-        )
+        alpha, s, lam, nu, done = _CrammerSingerDual.apply(q, y, C, iterations, _EPS if tol is None else tol)
     return SVMSolution(alpha.transpose(1, 2), s.transpose(1, 2), lam.transpose(1, 2), nu, done)
 
 
@@ -342,7 +340,7 @@ def solve_qp(
         h: ``[B, ni]`` inequality bound.
         A: ``[B, ne, nz]`` equality matrix, or None.
         b: ``[B, ne]`` equality right-hand side, or None.
-        iterations: at most this many iterations.
+        iterations: at most this many iterates, as in :func:`crammer_singer_svm`.
         tol: stopping tolerance, as in :func:`crammer_singer_svm`.
     """
     iterations = _check_positive_int("iterations", iterations)
@@ -351,7 +349,7 @@ def solve_qp(
         A, b = Q.new_zeros(batch, 0, nz), Q.new_zeros(batch, 0)
     assert b is not None
     ne = A.shape[1]
-    tol = _default_tol(Q.dtype) if tol is None else tol
+    tol = _EPS if tol is None else tol
     Gt, At = G.transpose(1, 2), A.transpose(1, 2)
 
     def solve_reduced(d: Tensor, rhs_z: Tensor, rhs_e: Tensor) -> tuple[Tensor, Tensor]:

@@ -81,6 +81,30 @@ def test_generic_qp_solves_a_box_projection():
     torch.testing.assert_close(sol.z, expected, rtol=0, atol=1e-9)
 
 
+@pytest.mark.parametrize("ways, shots", [(5, 1), (5, 5), (20, 1)])
+def test_svm_iterates_are_qpths(ways, shots):
+    """Each early iterate and its gradient, not only the optimum, are qpth's (MetaOptNet's solver and its training)."""
+    QPFunction = pytest.importorskip("qpth.qp", reason="qpth (learn2learn's QP solver) is not installed").QPFunction
+
+    x, labels = episode(3, ways, shots, 64, seed=7)
+    weights = torch.randn(3, ways * shots, ways, dtype=x.dtype, generator=torch.Generator().manual_seed(8))
+    for iterations in (1, 2, 3, 4, 15):
+        ours_x, theirs_x = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        ours = crammer_singer_svm(0.1 * ours_x @ ours_x.transpose(1, 2), labels, ways, 0.1, iterations).alpha
+        qpth = QPFunction(verbose=-1, maxIter=iterations)
+        theirs = []
+        for t in range(3):  # one task at a time, as learn2learn's SVClassifier calls it
+            kernel = 0.1 * theirs_x[t : t + 1] @ theirs_x[t : t + 1].transpose(1, 2)
+            Q, p, G, h, A, b = (v[0] for v in dense_problem(kernel, labels[t : t + 1], ways, 0.1))
+            theirs.append(qpth(Q, p, G, h, A, b).view(ways * shots, ways))
+        torch.testing.assert_close(ours, torch.stack(theirs), rtol=0, atol=1e-12, msg=f"iterations={iterations}")
+        (ours * weights).sum().backward()
+        (torch.stack(theirs) * weights).sum().backward()
+        assert ours_x.grad is not None and theirs_x.grad is not None
+        scale = theirs_x.grad.abs().max()
+        torch.testing.assert_close(ours_x.grad / scale, theirs_x.grad / scale, rtol=0, atol=1e-12)
+
+
 def test_svm_gradient_matches_finite_differences():
     x, labels = episode(2, 3, 2, 5, seed=3)
     query = torch.randn(2, 4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
