@@ -14,7 +14,6 @@ from torchmetrics import MeanMetric, Metric
 
 from datamodules.episodes import EpisodeBatch, as_episode_batch, episode_ways
 
-from .backbones import to_channels_last
 from .checkpoints import check_class, record_class
 from .functional import adaptation_curve_steps  # noqa: F401  (re-exported)
 from .metrics import ConfidenceInterval95, episode_accuracy
@@ -25,7 +24,7 @@ def at_least_float32(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def embed_episode(backbone: nn.Module, batch: EpisodeBatch, channels_last: bool) -> tuple[Tensor, Tensor]:
+def embed_episode(backbone: nn.Module, batch: EpisodeBatch) -> tuple[Tensor, Tensor]:
     """Embed support and query in one backbone pass: ``[B, N*K, D]`` and ``[B, N*Q, D]``, at least float32.
 
     The backbone sees ``[B*N*(K+Q), C, H, W]`` (the backbone contract: the task dimension is
@@ -34,8 +33,7 @@ def embed_episode(backbone: nn.Module, batch: EpisodeBatch, channels_last: bool)
     """
     x = torch.cat([batch.support_x, batch.query_x], dim=1)
     tasks, items = x.shape[:2]
-    flat = x.flatten(0, 1)
-    z = at_least_float32(backbone(to_channels_last(flat) if channels_last else flat))
+    z = at_least_float32(backbone(x.flatten(0, 1)))
     z = z.reshape(tasks, items, *z.shape[1:])
     shots_total = batch.support_x.shape[1]
     return z[:, :shots_total], z[:, shots_total:]
@@ -134,21 +132,6 @@ class EpisodicModule(pl.LightningModule):
                 "test_loss_ci95": ConfidenceInterval95(),
             }
         )
-
-    @property
-    def channels_last(self) -> bool:
-        """Whether the backbone's weights and the image batches use the channels-last memory format.
-
-        Setting it converts the backbone's 4-d weights. Both sides must be channels-last: a
-        convolution picks its output format from its input and weight, and a 1-channel image batch
-        (Omniglot) is contiguous in both formats, so converting only the batch changes nothing.
-        """
-        return getattr(self, "_channels_last", False)
-
-    @channels_last.setter
-    def channels_last(self, value: bool) -> None:
-        self._channels_last = bool(value)
-        self.backbone.to(memory_format=torch.channels_last if value else torch.contiguous_format)
 
     # ------------------------------------------------------------------ the algorithm's part
     def episode_logits(self, batch: EpisodeBatch) -> Tensor:

@@ -89,7 +89,7 @@ class NaNAfter(ProtoNet):
     """A ProtoNet whose loss turns NaN from a given training step on."""
 
     def __init__(self, step: int) -> None:
-        super().__init__(Conv4(hidden=8), channels_last=False)
+        super().__init__(Conv4(hidden=8))
         self.nan_from = step
 
     def training_step(self, batch, batch_idx):

@@ -109,7 +109,7 @@ class ANIL(GradientModule):
     def embed(self, batch: EpisodeBatch) -> tuple[Tensor, Tensor]:
         """Support and query features, ``[B, N*K, D]`` and ``[B, N*Q, D]``, at least float32 (see ``body_batching``)."""
         if self.body_batching == "flat":
-            return embed_episode(self.backbone, batch, False)
+            return embed_episode(self.backbone, batch)
         if self.body_batching == "task":
             z = self._per_task(torch.cat([batch.support_x, batch.query_x], dim=1))
             shots_total = batch.support_x.shape[1]

@@ -218,7 +218,7 @@ class PretrainedModule(EpisodicModule):
     # ------------------------------------------------------------------ evaluation
     def episode_logits(self, batch: EpisodeBatch) -> Tensor:
         batch = as_episode_batch(batch)
-        support, query = embed_episode(self.backbone, batch, False)
+        support, query = embed_episode(self.backbone, batch)
         ways = episode_ways(batch)
         with torch.enable_grad(), solver_precision(support):
             head = self.fit_episode_head(self.episode_features(support.detach()), batch.support_y, ways)

@@ -281,8 +281,8 @@ class MetaNetwork(EpisodicModule):
         the base learner's query features ``features`` ``[B, Q, D]`` and ``embedding_loss`` ``[B]``.
         """
         self.check_episode_ways(batch)
-        support_u, query_u = embed_episode(self.representation, batch, False)
-        support_b, query_b = embed_episode(self.backbone, batch, False)
+        support_u, query_u = embed_episode(self.representation, batch)
+        support_b, query_b = embed_episode(self.backbone, batch)
         embedding_loss, gradient = self.representation_gradients(support_u, batch.support_y)
         task_fast = self.generate(gradient, "d")  # Q*: [B, H, D]  (eq. 4)
         keys = layer_augmented(support_u, self.key.weight, task_fast.unsqueeze(1), activation=False)  # eq. 5

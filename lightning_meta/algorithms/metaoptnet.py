@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +14,8 @@ from datamodules.episodes import EpisodeBatch, episode_ways
 
 from ..backbones import Conv4
 from ..base import EpisodicModule, at_least_float32, embed_episode
+from ..memory_format import channels_last_argument, channels_last_callbacks
+from ..precision import solver_precision
 from ..solvers import crammer_singer_svm, kernel_ridge
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -44,7 +46,8 @@ class MetaOptNet(EpisodicModule):
         label_smoothing: training-only label smoothing as in their ``train.py``: target ``1 - eps``
             on the true class and ``eps / (N - 1)`` on each other (0.1 on mini-ImageNet, section 4.1).
         solver_dtype: precision of the kernel, the solve and the logits ("float64" or "float32").
-        channels_last: channels-last memory format (see :attr:`EpisodicModule.channels_last`).
+        channels_last: deprecated; this module asks the Trainer for the
+            :class:`~lightning_meta.memory_format.ChannelsLast` callback (False here turns that off).
         optimizer: outer optimizer factory (the paper: SGD, Nesterov momentum 0.9, lr 0.1, weight decay 5e-4).
         lr_scheduler: optional scheduler factory, stepped once per epoch.
     """
@@ -61,7 +64,7 @@ class MetaOptNet(EpisodicModule):
         learn_scale: bool = True,
         label_smoothing: float = 0.0,
         solver_dtype: Literal["float32", "float64"] = "float64",
-        channels_last: bool = True,
+        channels_last: bool | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -86,15 +89,19 @@ class MetaOptNet(EpisodicModule):
         self.solver_iters, self.solver_iters_eval = solver_iters, solver_iters_eval
         self.label_smoothing, self.solver_dtype = float(label_smoothing), solver_dtype
         self.scale = nn.Parameter(torch.tensor(float(scale)), requires_grad=learn_scale)
-        self.channels_last = channels_last
+        self.wants_channels_last = channels_last_argument("MetaOptNet", channels_last, True)
+
+    def configure_callbacks(self) -> Any:
+        """Ask the Trainer for :class:`~lightning_meta.memory_format.ChannelsLast` when the module wants it."""
+        return channels_last_callbacks(self, super().configure_callbacks())
 
     def episode_logits(self, batch: EpisodeBatch) -> Tensor:
-        support, query = embed_episode(self.backbone, batch, self.channels_last)
+        support, query = embed_episode(self.backbone, batch)
         dtype = _DTYPES[self.solver_dtype]
         ways = episode_ways(batch)
         # The QP is ill-conditioned near its optimum (multipliers over slacks span 1/eps..eps), so
         # the kernel, the solve and the scores stay in solver_dtype whatever autocast does.
-        with torch.autocast(support.device.type, enabled=False):
+        with solver_precision(support):
             s, q = support.to(dtype), query.to(dtype)
             kernel = s @ s.transpose(1, 2)
             if self.head == "svm":

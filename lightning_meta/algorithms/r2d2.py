@@ -79,7 +79,7 @@ class R2D2(EpisodicModule):
         return self.log_lambda.exp()
 
     def episode_logits(self, batch: EpisodeBatch) -> Tensor:
-        support, query = embed_episode(self.backbone, batch, False)  # at least float32
+        support, query = embed_episode(self.backbone, batch)  # at least float32
         with solver_precision(support):
             x = torch.cat([support, torch.ones_like(support[..., :1])], dim=-1)
             y = support_onehot(batch, x.dtype)

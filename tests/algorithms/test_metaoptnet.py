@@ -41,7 +41,7 @@ def batch(tasks: int = 2, ways: int = 5, shots: int = 2, queries: int = 3, seed:
 
 def model(**kwargs) -> MetaOptNet:
     torch.manual_seed(0)
-    return MetaOptNet(Flatten(), channels_last=False, **kwargs)
+    return MetaOptNet(Flatten(), **kwargs)
 
 
 def test_svm_logits_are_the_scaled_scores_of_the_support_svm():
