@@ -11,10 +11,10 @@ from torch import Tensor, nn
 
 from datamodules.episodes import EpisodeBatch
 
-from ..base import EpisodeOutput, at_least_float32, embed_episode
+from ..bases.episodic import EpisodeOutput, at_least_float32, embed_episode
+from ..bases.gradient import GradientModule
 from ..functional import Params, forward_with, map_tasks
 from ..inner_optimizers import InnerOptimizer, resolve_inner_optimizer
-from .gradient import GradientModule
 
 BODY_BATCHINGS = ("sets", "task", "flat")
 
@@ -34,7 +34,7 @@ class ANIL(GradientModule):
     query set with their own statistics, as MAML and Raghu et al.'s code do (the same features as
     ``MAML(adapt="head")``); ``"task"`` normalises a task's support and query together, as
     learn2learn's ``anil_fc100.py``; both call the body once per task and set. ``"flat"``
-    is one pass over the whole meta-batch (:func:`~lightning_meta.base.embed_episode`), for
+    is one pass over the whole meta-batch (:func:`~lightning_meta.bases.episodic.embed_episode`), for
     bodies without batch norm or with running statistics; with per-task batch norm it would make
     a task's features depend on the other tasks of its meta-batch.
 
@@ -52,7 +52,7 @@ class ANIL(GradientModule):
         body_batching: ``"sets"``, ``"task"`` or ``"flat"``, see above.
         task_batching: how the heads of a meta-batch adapt: ``"batched"`` (one batched matrix product
             for all tasks; an ``nn.Linear`` head), ``"loop"`` or ``"vmap"`` (any head, per task).
-        channels_last: deprecated, see :class:`~lightning_meta.algorithms.gradient.GradientModule`.
+        channels_last: deprecated, see :class:`~lightning_meta.bases.gradient.GradientModule`.
         adaptation_curve: return the query loss along the inner loop during validation and test.
         optimizer: outer optimizer factory (Adam, lr 1e-3 by default).
         lr_scheduler: optional outer scheduler factory.

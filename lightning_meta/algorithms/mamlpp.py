@@ -12,10 +12,10 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from ..backbones import TaskBatchNorm2d
+from ..bases.gradient import BackboneHead
 from ..functional import Params
 from ..functional import select_params as select
 from ..inner_optimizers import InnerOptimizer, resolve_inner_optimizer
-from .gradient import BackboneHead
 from .maml import MAML
 
 

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from datamodules.episodes import EpisodeBatch
 
 from ..backbones import Conv4
-from ..base import EpisodicModule, embed_episode, support_onehot
+from ..bases.episodic import EpisodicModule, embed_episode, support_onehot
 from ..memory_format import channels_last_argument, channels_last_callbacks
 
 

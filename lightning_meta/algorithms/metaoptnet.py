@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from datamodules.episodes import EpisodeBatch, episode_ways
 
 from ..backbones import Conv4
-from ..base import EpisodicModule, at_least_float32, embed_episode
+from ..bases.episodic import EpisodicModule, at_least_float32, embed_episode
 from ..memory_format import channels_last_argument, channels_last_callbacks
 from ..precision import solver_precision
 from ..solvers import crammer_singer_svm, kernel_ridge

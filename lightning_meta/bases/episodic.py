@@ -14,9 +14,9 @@ from torchmetrics import MeanMetric, Metric
 
 from datamodules.episodes import EpisodeBatch, as_episode_batch, episode_ways
 
-from .checkpoints import check_class, record_class
-from .functional import adaptation_curve_steps  # noqa: F401  (re-exported)
-from .metrics import ConfidenceInterval95, episode_accuracy
+from ..checkpoints import check_class, record_class
+from ..functional import adaptation_curve_steps  # noqa: F401  (re-exported)
+from ..metrics import ConfidenceInterval95, episode_accuracy
 
 
 def at_least_float32(x: Tensor) -> Tensor:

@@ -17,7 +17,6 @@ from torch import Tensor, nn
 
 from datamodules.episodes import EpisodeBatch, episode_ways
 
-from ..base import AdaptationCurve, EpisodeOutput, EpisodicModule
 from ..functional import (
     InnerLoop,
     InnerOptimizer,
@@ -32,6 +31,7 @@ from ..functional import select_params as select
 from ..inner_optimizers import current_lr
 from ..memory_format import channels_last_argument, channels_last_callbacks
 from ..task_batched import TaskBatched, check_task_batchable, expand_tasks, together
+from .episodic import AdaptationCurve, EpisodeOutput, EpisodicModule
 
 
 class BackboneHead(nn.Module):
@@ -248,7 +248,7 @@ class GradientModule(EpisodicModule):
         return result
 
     def curve(self, losses: Tensor | None) -> AdaptationCurve | None:
-        """Stacked ``[B, points]`` task curves as an :class:`~lightning_meta.base.AdaptationCurve` (None stays None)."""
+        """Stacked ``[B, points]`` task curves as an :class:`AdaptationCurve` (None stays None)."""
         return None if losses is None else AdaptationCurve(adaptation_curve_steps(self.steps()), losses)
 
     def task_loss(

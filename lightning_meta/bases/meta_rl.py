@@ -20,7 +20,6 @@ from torch import Tensor
 from datamodules.rl.base import TaskDistribution, TaskEnv
 
 from ..metrics import ConfidenceInterval95
-from .callbacks import TrajectoryImages
 
 
 class MetaRLModule(pl.LightningModule):
@@ -124,6 +123,9 @@ class MetaRLModule(pl.LightningModule):
 
     def configure_callbacks(self) -> list[pl.Callback]:
         """Pictures of rollouts, which take the place of the episode pictures: a batch of tasks holds no images."""
+        # Imported here: the RL package imports this base, so a top-level import would be circular.
+        from ..rl.callbacks import TrajectoryImages
+
         return [TrajectoryImages()]
 
 

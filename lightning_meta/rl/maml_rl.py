@@ -14,10 +14,10 @@ from torch.func import vmap
 
 from datamodules.rl.base import TaskEnv
 
+from ..bases.meta_rl import MetaRLModule, start_timer
 from ..functional import InnerOptimizer, Params, forward_with, inner_loop, map_tasks
 from ..inner_optimizers import resolve_inner_optimizer
 from .losses import ppo_clip_loss, ratio_loss, trpo_step
-from .module import MetaRLModule, start_timer
 from .policies import Policy, make_policy
 from .returns import check_discounts, discounted_returns, gae, linear_baseline, normalize
 from .rollout import Trajectories, rollout
