@@ -11,12 +11,13 @@ from torch import Tensor, nn
 
 from datamodules.episodes import EpisodeBatch
 
+from ..arguments import check_choice
 from ..bases.episodic import EpisodeOutput, at_least_float32, embed_episode
 from ..bases.gradient import GradientModule
 from ..functional import Params, forward_with, map_tasks
 from ..inner_optimizers import InnerOptimizer, resolve_inner_optimizer
 
-BODY_BATCHINGS = ("sets", "task", "flat")
+BodyBatching = Literal["sets", "task", "flat"]
 
 
 class ANIL(GradientModule):
@@ -70,7 +71,7 @@ class ANIL(GradientModule):
         inner_steps: int = 1,
         inner_steps_eval: int = 3,
         first_order: bool = False,
-        body_batching: Literal["sets", "task", "flat"] = "sets",
+        body_batching: BodyBatching = "sets",
         task_batching: Literal["batched", "loop", "vmap"] = "batched",
         channels_last: bool | None = None,
         adaptation_curve: bool = True,
@@ -153,8 +154,7 @@ def _check_body_and_head(backbone: nn.Module, head: nn.Module | None, body_batch
             f"ANIL: head.in_features={in_features} but the backbone's embedding_dim is {dim}; set the head's "
             f"in_features to {dim}"
         )
-    if body_batching not in BODY_BATCHINGS:
-        raise ValueError(f"ANIL: body_batching={body_batching!r} must be one of {list(BODY_BATCHINGS)}")
+    check_choice("ANIL", "body_batching", body_batching, BodyBatching)
     if task_batching == "batched" and type(head) is not nn.Linear:
         raise ValueError(
             f"ANIL: task_batching='batched' adapts an nn.Linear head, but the head is {type(head).__name__}; "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import torch
@@ -12,6 +11,7 @@ from torch import Tensor, nn
 
 from datamodules.episodes import EpisodeBatch, episode_ways
 
+from ..arguments import check_choice, check_number, check_whole
 from ..backbones import Conv4
 from ..bases.episodic import EpisodicModule, at_least_float32, embed_episode
 from ..memory_format import channels_last_argument, channels_last_callbacks
@@ -19,6 +19,8 @@ from ..precision import solver_precision
 from ..solvers import crammer_singer_svm, kernel_ridge
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+HeadKind = Literal["svm", "ridge"]
+SolverDtype = Literal["float32", "float64"]
 
 
 class MetaOptNet(EpisodicModule):
@@ -55,7 +57,7 @@ class MetaOptNet(EpisodicModule):
     def __init__(
         self,
         backbone: nn.Module | None = None,
-        head: Literal["svm", "ridge"] = "svm",
+        head: HeadKind = "svm",
         C: float = 0.1,
         solver_iters: int = 15,
         solver_iters_eval: int = 3,
@@ -63,27 +65,17 @@ class MetaOptNet(EpisodicModule):
         scale: float = 1.0,
         learn_scale: bool = True,
         label_smoothing: float = 0.0,
-        solver_dtype: Literal["float32", "float64"] = "float64",
+        solver_dtype: SolverDtype = "float64",
         channels_last: bool | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        if head not in ("svm", "ridge"):
-            raise ValueError(f"head={head!r} must be 'svm' (MetaOptNet-SVM) or 'ridge' (MetaOptNet-RR)")
-        for name, value in (("C", C), ("ridge_lambda", ridge_lambda), ("scale", scale)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ValueError(
-                    f"{name}={value!r} must be a finite number above 0 (the paper: C=0.1, ridge_lambda=50)"
-                )
-        for name, value in (("solver_iters", solver_iters), ("solver_iters_eval", solver_iters_eval)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(
-                    f"{name}={value!r} must be a whole number of 1 or more (their code: 15 in training, 3 at test)"
-                )
+        check_choice("MetaOptNet", "head", head, HeadKind)
+        check_choice("MetaOptNet", "solver_dtype", solver_dtype, SolverDtype)
+        check_number("MetaOptNet", C=C, ridge_lambda=ridge_lambda, scale=scale)
+        check_whole("MetaOptNet", solver_iters=solver_iters, solver_iters_eval=solver_iters_eval)
         if not 0 <= label_smoothing < 1:
             raise ValueError(f"label_smoothing={label_smoothing!r} must be in [0, 1); the paper uses 0.1")
-        if solver_dtype not in _DTYPES:
-            raise ValueError(f"solver_dtype={solver_dtype!r} must be 'float64' or 'float32'")
         super().__init__(backbone if backbone is not None else Conv4(), optimizer, lr_scheduler)
         self.head, self.C, self.ridge_lambda = head, float(C), float(ridge_lambda)
         self.solver_iters, self.solver_iters_eval = solver_iters, solver_iters_eval

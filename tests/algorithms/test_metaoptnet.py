@@ -142,7 +142,7 @@ def test_lr_schedule_is_the_papers():
         ({"solver_iters_eval": 1.5}, r"solver_iters_eval=1\.5 must be a whole number"),
         ({"ridge_lambda": -1.0}, r"ridge_lambda=-1\.0 must be"),
         ({"label_smoothing": 1.0}, r"label_smoothing=1\.0 must be in \[0, 1\)"),
-        ({"head": "logistic"}, r"head='logistic' must be 'svm'"),
+        ({"head": "logistic"}, r"head='logistic' must be one of \['svm', 'ridge'\]"),
         ({"solver_dtype": "bfloat16"}, r"solver_dtype='bfloat16' must be"),
     ],
 )
