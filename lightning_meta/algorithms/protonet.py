@@ -11,9 +11,12 @@ from torch import Tensor, nn
 
 from datamodules.episodes import EpisodeBatch
 
+from ..arguments import check_choice
 from ..backbones import Conv4
 from ..bases.episodic import EpisodicModule, embed_episode, support_onehot
 from ..memory_format import channels_last_argument, channels_last_callbacks
+
+Distance = Literal["euclidean", "cosine"]
 
 
 class ProtoNet(EpisodicModule):
@@ -35,14 +38,13 @@ class ProtoNet(EpisodicModule):
     def __init__(
         self,
         backbone: nn.Module | None = None,
-        distance: Literal["euclidean", "cosine"] = "euclidean",
+        distance: Distance = "euclidean",
         cosine_scale: float = 10.0,
         channels_last: bool | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        if distance not in ("euclidean", "cosine"):
-            raise ValueError(f"distance={distance!r} must be 'euclidean' or 'cosine'")
+        check_choice("ProtoNet", "distance", distance, Distance)
         super().__init__(backbone if backbone is not None else Conv4(), optimizer, lr_scheduler)
         self.distance, self.cosine_scale = distance, cosine_scale
         self.wants_channels_last = channels_last_argument("ProtoNet", channels_last, True)

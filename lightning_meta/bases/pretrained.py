@@ -20,6 +20,7 @@ from torch.func import functional_call
 from datamodules.base import LabelledBatch
 from datamodules.episodes import EpisodeBatch, as_episode_batch, episode_ways
 
+from ..arguments import check_number, check_whole
 from ..backbones import Conv4
 from ..functional import inner_loop
 from ..inner_optimizers import Momentum
@@ -84,14 +85,10 @@ class PretrainedModule(EpisodicModule):
                 f"the backbone {type(backbone).__name__} has a head of its own; {type(self).__name__} adds its "
                 "classifier on the embedding: build the backbone with out_features=None"
             )
-        for name, value in (("num_classes", num_classes), ("head_steps", head_steps)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name}={value!r} must be a whole number of 1 or more")
-        if not isinstance(finetune_steps, int) or finetune_steps < 0:
-            raise ValueError(f"finetune_steps={finetune_steps!r} must be a whole number of 0 or more")
-        for name, rate in (("head_lr", head_lr), ("finetune_lr", finetune_lr)):
-            if not rate >= 0:
-                raise ValueError(f"{name}={rate!r} must be 0 or more")
+        owner = type(self).__name__
+        check_whole(owner, head_steps=head_steps, **({} if num_classes is None else {"num_classes": num_classes}))
+        check_whole(owner, 0, finetune_steps=finetune_steps)
+        check_number(owner, zero_ok=True, head_lr=head_lr, finetune_lr=finetune_lr)
         super().__init__(backbone, optimizer, lr_scheduler)
         self.num_classes, self.head_steps, self.head_lr = num_classes, head_steps, head_lr
         self.finetune_backbone, self.finetune_steps, self.finetune_lr = finetune_backbone, finetune_steps, finetune_lr
