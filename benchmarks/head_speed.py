@@ -76,7 +76,7 @@ def make_step(method: str, args: argparse.Namespace, device: torch.device) -> Ca
         model: torch.nn.Module = R2D2(backbone)
     else:
         dtype = "float32" if method.endswith("fp32") else "float64"
-        model = MetaOptNet(backbone, solver_iters=15, solver_dtype=dtype, channels_last=False)
+        model = MetaOptNet(backbone, solver_iters=15, solver_dtype=dtype)
     model = model.to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), 1e-3)
 

@@ -61,9 +61,11 @@ def make_step(variant: str, ways: int, shots: int, queries: int, device: str = "
             synchronize(device)
 
         return step
-    from lightning_meta import Conv4, ProtoNet
+    from lightning_meta import ChannelsLast, Conv4, ProtoNet
 
-    ours = ProtoNet(Conv4(1, 64, 28, pooling="max"), channels_last="nchw" not in variant).to(device).train()
+    ours = ProtoNet(Conv4(1, 64, 28, pooling="max")).to(device).train()
+    if "nchw" not in variant:
+        ChannelsLast.convert(ours)  # what the Trainer's callback does
     optimizer = torch.optim.Adam(ours.parameters(), 1e-3)
     bf16 = "bf16" in variant
 

@@ -83,7 +83,7 @@ def reptile_step(variant: str):
 def matching_step(variant: str, ways: int, shots: int, queries: int):
     batch = random_episodes(1, ways, shots, queries, (1, 28, 28))
     torch.manual_seed(0)
-    from lightning_meta import Conv4, MatchingNet
+    from lightning_meta import ChannelsLast, Conv4, MatchingNet
 
     if variant.startswith("easyfsl"):
         from easyfsl.methods import MatchingNetworks
@@ -99,7 +99,9 @@ def matching_step(variant: str, ways: int, shots: int, queries: int):
             optimizer.step()
 
         return step
-    ours = MatchingNet(Conv4(1, 64, 28, pooling="max"), fce=True, channels_last="nchw" not in variant).train()
+    ours = MatchingNet(Conv4(1, 64, 28, pooling="max"), fce=True).train()
+    if "nchw" not in variant:
+        ChannelsLast.convert(ours)  # what the Trainer's callback does
     optimizer = torch.optim.Adam(ours.parameters(), 1e-3)
     bf16 = "bf16" in variant
 

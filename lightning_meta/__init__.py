@@ -25,7 +25,6 @@ from .algorithms import (
     ProtoNet,
     Reptile,
 )
-from .algorithms.gradient import GradientModule
 from .backbones import (
     MLP,
     WRN28_10,
@@ -37,7 +36,7 @@ from .backbones import (
     WideResNet,
     task_batch_norm,
 )
-from .base import AdaptationCurve, EpisodeOutput, EpisodicModule
+from .bases import AdaptationCurve, EpisodeOutput, EpisodicModule, GradientModule
 from .checkpoints import load_checkpoint
 from .functional import SGD, Adam, InnerOptimizer, MetaSGD, Momentum, forward_with, inner_loop, map_tasks, select_params
 from .inference import predict_episode, predict_folders

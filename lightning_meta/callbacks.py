@@ -32,7 +32,7 @@ from torchvision.utils import make_grid
 from datamodules.episodes import EpisodeBatch, as_episode_batch, episode_ways
 from datamodules.files import format_bytes
 
-from .base import EpisodeOutput
+from .bases.episodic import EpisodeOutput
 
 
 def episode_grid(batch: EpisodeBatch, task: int = 0, padding: int = 2) -> Tensor | None:
@@ -182,7 +182,7 @@ class HpMetric(pl.Callback):
 class AdaptationCurveLogger(pl.Callback):
     """Log the query loss along the inner loop as ``{stage}_adapt/loss_step_<k>`` (epoch means).
 
-    The curve is the :class:`~lightning_meta.base.EpisodeOutput` ``adaptation`` that gradient-based
+    The curve is the :class:`~lightning_meta.bases.episodic.EpisodeOutput` ``adaptation`` that gradient-based
     algorithms (MAML, Reptile) return in validation and test when their ``adaptation_curve`` is on.
     Steps are zero-padded so TensorBoard lists them in order; the last point is the stage's loss.
     """

@@ -24,7 +24,7 @@ from datamodules.episodes import EpisodeBatch
 from datamodules.files import atomic_file
 from datamodules.images import decode_image, image_files
 
-from .base import EpisodicModule, at_least_float32
+from .bases.episodic import EpisodicModule, at_least_float32
 from .checkpoints import load_checkpoint, read_checkpoint, trusting
 
 

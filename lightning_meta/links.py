@@ -108,7 +108,7 @@ def link_data_to_model(model: Any, data: Any) -> None:
         model: the ``model`` of a parsed LightningCLI config (``class_path`` and ``init_args``).
         data: its ``data``.
     """
-    from .algorithms.gradient import GradientModule
+    from .bases.gradient import GradientModule
 
     shapes = data_shapes(data)
     for node, cls, where in _models(model, "model"):

@@ -8,8 +8,8 @@ business (like devices and precision), so it is a callback::
 
     lightning-meta fit --config configs/r2d2/omniglot_5w1s.yaml --trainer.callbacks+=ChannelsLast
 
-Modules that were measured faster with it (R2-D2, the pre-train + fine-tune baselines,
-MetaNetwork) ask for it themselves through ``configure_callbacks``
+Modules that were measured faster with it (ProtoNet, MatchingNet, MetaOptNet, R2-D2, the
+pre-train + fine-tune baselines, MetaNetwork) ask for it themselves through ``configure_callbacks``
 (:func:`channels_last_callbacks`); the gradient-based ones do not (channels-last kernels round
 differently with the thread count and the inner loop amplifies it).
 """

@@ -5,6 +5,7 @@ import errno
 import shutil
 from pathlib import Path
 
+import lightning
 import numpy as np
 import pytest
 import torch
@@ -13,8 +14,17 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 
 from datamodules.files import WriteError
-from lightning_meta import EpisodicModule, load_checkpoint
-from lightning_meta.checkpoints import TRUST_VARIABLE, EpisodicCheckpoint, SafeCheckpointIO, find_checkpoint
+from lightning_meta import RFS, Conv4, EpisodicModule, load_checkpoint
+from lightning_meta.checkpoints import (
+    CLASS_KEY,
+    TRUST_VARIABLE,
+    EpisodicCheckpoint,
+    SafeCheckpointIO,
+    check_class,
+    checkpoint_class,
+    class_path_of,
+    find_checkpoint,
+)
 from lightning_meta.cli import main, make_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -256,3 +266,29 @@ def test_out_of_memory_names_the_batch_settings_and_the_memory_asked(fitted, tmp
     assert not list(tmp_path.rglob("interrupted.ckpt"))
     assert "tasks_per_batch=3000, ways=2, shots=1, queries=3, train_ways=2" in line
     assert "lower --data.tasks_per_batch" in line
+
+
+OLD_CLASS_PATHS = {
+    "lightning_meta.base.EpisodicModule": "lightning_meta.bases.episodic.EpisodicModule",
+    "lightning_meta.algorithms.gradient.GradientModule": "lightning_meta.bases.gradient.GradientModule",
+    "lightning_meta.algorithms.baseline.PretrainedModule": "lightning_meta.bases.pretrained.PretrainedModule",
+    "lightning_meta.algorithms.baseline.RFS": "lightning_meta.algorithms.rfs.RFS",
+    "lightning_meta.rl.module.MetaRLModule": "lightning_meta.bases.meta_rl.MetaRLModule",
+}
+
+
+@pytest.mark.parametrize("old, new", OLD_CLASS_PATHS.items())
+def test_class_paths_from_before_the_bases_moved_still_resolve(old, new):
+    assert class_path_of(checkpoint_class({CLASS_KEY: {"class_path": old}})) == new
+
+
+def test_an_rfs_checkpoint_that_records_its_old_class_path_loads(tmp_path):
+    model = RFS(Conv4(hidden=8), num_classes=3, head_steps=2)
+    checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+                  "pytorch-lightning_version": lightning.__version__,
+                  CLASS_KEY: {"class_path": "lightning_meta.algorithms.baseline.RFS"}}  # fmt: skip
+    check_class(checkpoint, RFS)
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    loaded = load_checkpoint(tmp_path / "old.ckpt", backbone=Conv4(hidden=8))
+    assert type(loaded) is RFS
+    torch.testing.assert_close(loaded.state_dict(), model.state_dict())

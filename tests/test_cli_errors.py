@@ -89,7 +89,7 @@ class NaNAfter(ProtoNet):
     """A ProtoNet whose loss turns NaN from a given training step on."""
 
     def __init__(self, step: int) -> None:
-        super().__init__(Conv4(hidden=8), channels_last=False)
+        super().__init__(Conv4(hidden=8))
         self.nan_from = step
 
     def training_step(self, batch, batch_idx):
@@ -287,3 +287,19 @@ def test_an_error_during_the_sanity_check_starts_on_a_line_of_its_own(fake_omnig
     lines = done.stdout.splitlines()
     errors = [line for line in lines if "lightning-meta: error:" in line]
     assert len(errors) == 1 and errors[0].startswith("lightning-meta: error: image_size=1 is too small"), errors
+
+
+@pytest.mark.parametrize(
+    "argument, value, message",
+    [
+        ("solver_iters", "0", "MetaOptNet: solver_iters=0 must be a whole number of 1 or more"),
+        ("head", "logistic", "Expected a typing.Literal['svm', 'ridge']. Got value: logistic"),
+    ],
+)
+def test_a_bad_method_argument_names_it_and_what_is_allowed(tmp_path, monkeypatch, capsys, argument, value, message):
+    monkeypatch.chdir(tmp_path)
+    config = REPO / "configs" / "metaoptnet" / "omniglot_5w1s.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--data.root", str(tmp_path), f"--model.init_args.{argument}", value])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lightning_meta import MAML, R2D2, ChannelsLast, Conv4
+from lightning_meta import MAML, R2D2, ChannelsLast, Conv4, MatchingNet, MetaOptNet, ProtoNet
 
 
 def conv_weight(module):
@@ -27,3 +27,10 @@ def test_the_constructor_argument_is_deprecated_but_still_chooses():
     with pytest.warns(DeprecationWarning, match="channels_last=True is deprecated"):
         maml = MAML(Conv4(hidden=8, out_features=5), channels_last=True)
     assert [type(c) for c in maml.configure_callbacks()] == [ChannelsLast]
+
+
+@pytest.mark.parametrize("module", [ProtoNet, MatchingNet, MetaOptNet])
+def test_metric_methods_ask_for_the_callback_by_default_and_the_argument_turns_it_off(module):
+    assert [type(c) for c in module(Conv4(hidden=8)).configure_callbacks()] == [ChannelsLast]
+    with pytest.warns(DeprecationWarning, match="ChannelsLast callback"):
+        assert module(Conv4(hidden=8), channels_last=False).configure_callbacks() == []

@@ -1,9 +1,9 @@
-"""The meta-learning algorithms, one file each, every one an :class:`~lightning_meta.base.EpisodicModule`."""
+"""The meta-learning algorithms, one file each, each a subclass of one of the bases in :mod:`lightning_meta.bases`."""
 
 from ..inner_optimizers import LSLR
 from .aggregate import Aggregate
 from .anil import ANIL
-from .baseline import RFS, Baseline, BaselinePlusPlus
+from .baseline import Baseline, BaselinePlusPlus
 from .maml import MAML
 from .mamlpp import MAMLPlusPlus
 from .matchingnet import MatchingNet
@@ -12,6 +12,7 @@ from .metaoptnet import MetaOptNet
 from .protonet import ProtoNet
 from .r2d2 import R2D2
 from .reptile import Reptile
+from .rfs import RFS
 
 __all__ = [
     "ANIL",

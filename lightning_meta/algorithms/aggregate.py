@@ -14,7 +14,7 @@ from torchmetrics import MeanMetric, Metric
 
 from datamodules.episodes import EpisodeBatch, as_episode_batch, episode_ways
 
-from ..base import EpisodeOutput, EpisodicModule, at_least_float32
+from ..bases.episodic import EpisodeOutput, EpisodicModule, at_least_float32
 from ..checkpoints import load_checkpoint
 from ..metrics import episode_accuracy
 
@@ -64,7 +64,7 @@ def mean_entropy(log_probs: Tensor) -> Tensor:
 class Aggregate(EpisodicModule):
     """A mother learner that combines member learners: ``O = sum_i w_i * log p_i(y | x, support)``.
 
-    Each member (any :class:`~lightning_meta.base.EpisodicModule`: ProtoNet, MatchingNet, MAML, ...,
+    Each member (any :class:`~lightning_meta.bases.episodic.EpisodicModule`: ProtoNet, MatchingNet, MAML, ...,
     loaded from ``checkpoints`` or built from config in ``members``) predicts every episode's
     queries; its class log-probabilities ``log_softmax(member.episode_outputs(batch).predictions)``
     are summed with weights ``w`` (a softmax over members, so they sum to 1), and the loss is the

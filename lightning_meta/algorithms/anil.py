@@ -11,12 +11,13 @@ from torch import Tensor, nn
 
 from datamodules.episodes import EpisodeBatch
 
-from ..base import EpisodeOutput, at_least_float32, embed_episode
+from ..arguments import check_choice
+from ..bases.episodic import EpisodeOutput, at_least_float32, embed_episode
+from ..bases.gradient import GradientModule
 from ..functional import Params, forward_with, map_tasks
 from ..inner_optimizers import InnerOptimizer, resolve_inner_optimizer
-from .gradient import GradientModule
 
-BODY_BATCHINGS = ("sets", "task", "flat")
+BodyBatching = Literal["sets", "task", "flat"]
 
 
 class ANIL(GradientModule):
@@ -34,7 +35,7 @@ class ANIL(GradientModule):
     query set with their own statistics, as MAML and Raghu et al.'s code do (the same features as
     ``MAML(adapt="head")``); ``"task"`` normalises a task's support and query together, as
     learn2learn's ``anil_fc100.py``; both call the body once per task and set. ``"flat"``
-    is one pass over the whole meta-batch (:func:`~lightning_meta.base.embed_episode`), for
+    is one pass over the whole meta-batch (:func:`~lightning_meta.bases.episodic.embed_episode`), for
     bodies without batch norm or with running statistics; with per-task batch norm it would make
     a task's features depend on the other tasks of its meta-batch.
 
@@ -52,7 +53,7 @@ class ANIL(GradientModule):
         body_batching: ``"sets"``, ``"task"`` or ``"flat"``, see above.
         task_batching: how the heads of a meta-batch adapt: ``"batched"`` (one batched matrix product
             for all tasks; an ``nn.Linear`` head), ``"loop"`` or ``"vmap"`` (any head, per task).
-        channels_last: deprecated, see :class:`~lightning_meta.algorithms.gradient.GradientModule`.
+        channels_last: deprecated, see :class:`~lightning_meta.bases.gradient.GradientModule`.
         adaptation_curve: return the query loss along the inner loop during validation and test.
         optimizer: outer optimizer factory (Adam, lr 1e-3 by default).
         lr_scheduler: optional outer scheduler factory.
@@ -70,7 +71,7 @@ class ANIL(GradientModule):
         inner_steps: int = 1,
         inner_steps_eval: int = 3,
         first_order: bool = False,
-        body_batching: Literal["sets", "task", "flat"] = "sets",
+        body_batching: BodyBatching = "sets",
         task_batching: Literal["batched", "loop", "vmap"] = "batched",
         channels_last: bool | None = None,
         adaptation_curve: bool = True,
@@ -109,7 +110,7 @@ class ANIL(GradientModule):
     def embed(self, batch: EpisodeBatch) -> tuple[Tensor, Tensor]:
         """Support and query features, ``[B, N*K, D]`` and ``[B, N*Q, D]``, at least float32 (see ``body_batching``)."""
         if self.body_batching == "flat":
-            return embed_episode(self.backbone, batch, False)
+            return embed_episode(self.backbone, batch)
         if self.body_batching == "task":
             z = self._per_task(torch.cat([batch.support_x, batch.query_x], dim=1))
             shots_total = batch.support_x.shape[1]
@@ -153,8 +154,7 @@ def _check_body_and_head(backbone: nn.Module, head: nn.Module | None, body_batch
             f"ANIL: head.in_features={in_features} but the backbone's embedding_dim is {dim}; set the head's "
             f"in_features to {dim}"
         )
-    if body_batching not in BODY_BATCHINGS:
-        raise ValueError(f"ANIL: body_batching={body_batching!r} must be one of {list(BODY_BATCHINGS)}")
+    check_choice("ANIL", "body_batching", body_batching, BodyBatching)
     if task_batching == "batched" and type(head) is not nn.Linear:
         raise ValueError(
             f"ANIL: task_batching='batched' adapts an nn.Linear head, but the head is {type(head).__name__}; "

@@ -11,10 +11,10 @@ from torch import nn
 
 from datamodules.episodes import EpisodeBatch
 
-from ..base import EpisodeOutput
+from ..bases.episodic import EpisodeOutput
+from ..bases.gradient import GradientModule
 from ..functional import map_tasks
 from ..inner_optimizers import InnerOptimizer, MetaSGD, resolve_inner_optimizer
-from .gradient import GradientModule
 
 
 class MAML(GradientModule):
@@ -45,7 +45,7 @@ class MAML(GradientModule):
     :meth:`task_loss`.
 
     With ``adaptation_curve``, validation and test also return the query loss after the inner steps
-    (:class:`~lightning_meta.base.AdaptationCurve`, logged as ``val_adapt/loss_step_<k>``; one extra
+    (:class:`~lightning_meta.bases.episodic.AdaptationCurve`, logged as ``val_adapt/loss_step_<k>``; one extra
     query forward per measured step, without gradients).
 
     Args:
@@ -58,7 +58,7 @@ class MAML(GradientModule):
         first_order: drop second-order terms (FOMAML).
         learn_inner_lr: Meta-SGD step sizes: False, True/"tensor" or "element".
         task_batching: "auto", "loop", "vmap" or "batched", see above.
-        channels_last: deprecated, see :class:`~lightning_meta.algorithms.gradient.GradientModule`.
+        channels_last: deprecated, see :class:`~lightning_meta.bases.gradient.GradientModule`.
         adaptation_curve: return the query loss along the inner loop during validation and test.
         optimizer: outer optimizer factory (Adam, lr 1e-3 by default).
         lr_scheduler: optional outer scheduler factory.

@@ -11,11 +11,12 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from ..arguments import check_whole
 from ..backbones import TaskBatchNorm2d
+from ..bases.gradient import BackboneHead
 from ..functional import Params
 from ..functional import select_params as select
 from ..inner_optimizers import InnerOptimizer, resolve_inner_optimizer
-from .gradient import BackboneHead
 from .maml import MAML
 
 
@@ -171,9 +172,7 @@ class MAMLPlusPlus(MAML):
         adapt: str | list[str] = "all",
         inner_optimizer: InnerOptimizer | None = None,
     ) -> None:
-        for arg, value in (("msl_epochs", msl_epochs), ("first_order_epochs", first_order_epochs)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"MAMLPlusPlus: {arg}={value!r} must be a whole number of epochs, 0 or more")
+        check_whole("MAMLPlusPlus", 0, msl_epochs=msl_epochs, first_order_epochs=first_order_epochs)
         if (per_step_bn or learn_inner_lr_per_step) and inner_steps < 1:
             raise ValueError(
                 f"MAMLPlusPlus: inner_steps={inner_steps} leaves nothing per step; set inner_steps >= 1 or "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -10,7 +12,8 @@ from torch import Tensor, nn
 from datamodules.episodes import EpisodeBatch
 
 from ..backbones import Conv4
-from ..base import EpisodicModule, embed_episode, support_onehot
+from ..bases.episodic import EpisodicModule, embed_episode, support_onehot
+from ..memory_format import channels_last_argument, channels_last_callbacks
 
 
 class MatchingNet(EpisodicModule):
@@ -35,8 +38,8 @@ class MatchingNet(EpisodicModule):
         normalize_queries: also normalise the query embeddings (textbook cosine similarity).
         embedding_dim: size of the backbone's output, needed by the LSTMs; default
             ``backbone.embedding_dim``.
-        channels_last: channels-last memory format for the backbone's weights and the image batches (see
-            :attr:`EpisodicModule.channels_last`); faster for Conv4 on CPU, fp32 and bf16 (benchmarks/RESULTS.md).
+        channels_last: deprecated; this module asks the Trainer for the
+            :class:`~lightning_meta.memory_format.ChannelsLast` callback (False here turns that off).
         optimizer: outer optimizer factory (Adam, lr 1e-3).
         lr_scheduler: optional scheduler factory.
     """
@@ -48,13 +51,14 @@ class MatchingNet(EpisodicModule):
         fce_steps: int = 5,
         normalize_queries: bool = False,
         embedding_dim: int | None = None,
-        channels_last: bool = True,
+        channels_last: bool | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         backbone = backbone if backbone is not None else Conv4()
         super().__init__(backbone, optimizer, lr_scheduler)
-        self.fce, self.fce_steps, self.channels_last = fce, fce_steps, channels_last
+        self.fce, self.fce_steps = fce, fce_steps
+        self.wants_channels_last = channels_last_argument("MatchingNet", channels_last, True)
         self.normalize_queries = normalize_queries
         if fce:
             dim = embedding_dim or getattr(backbone, "embedding_dim", None)
@@ -62,6 +66,10 @@ class MatchingNet(EpisodicModule):
                 raise ValueError("fce=True needs embedding_dim= (the backbone's output size)")
             self.support_lstm = nn.LSTM(dim, dim, batch_first=True, bidirectional=True)
             self.query_lstm = nn.LSTMCell(dim, dim)
+
+    def configure_callbacks(self) -> Any:
+        """Ask the Trainer for :class:`~lightning_meta.memory_format.ChannelsLast` when the module wants it."""
+        return channels_last_callbacks(self, super().configure_callbacks())
 
     def full_context(self, support: Tensor, query: Tensor) -> tuple[Tensor, Tensor]:
         """The paper's full context embeddings ``g`` of the support set and ``f`` of the queries."""
@@ -81,7 +89,7 @@ class MatchingNet(EpisodicModule):
 
     def attention(self, batch: EpisodeBatch) -> Tensor:
         """Softmax over the similarities of each query to each support item: ``[B, N*Q, N*K]``."""
-        support, query = embed_episode(self.backbone, batch, self.channels_last)
+        support, query = embed_episode(self.backbone, batch)
         if self.fce:
             support, query = self.full_context(support, query)
         if self.normalize_queries:

@@ -13,8 +13,9 @@ from torch import Tensor, nn
 
 from datamodules.episodes import EpisodeBatch, episode_ways
 
+from ..arguments import check_choice, check_number, check_whole
 from ..backbones import Conv4
-from ..base import EpisodeOutput, EpisodicModule, at_least_float32, embed_episode
+from ..bases.episodic import EpisodeOutput, EpisodicModule, at_least_float32, embed_episode
 from ..memory_format import channels_last_argument, channels_last_callbacks
 
 
@@ -61,6 +62,9 @@ def log_and_sign(gradient: Tensor, k: float = 7.0) -> Tensor:
     magnitude = (g.abs().clamp_min(torch.finfo(g.dtype).tiny).log() / k).clamp_min(-1.0)
     sign = (g * math.exp(k)).clamp(-1.0, 1.0)
     return torch.stack([magnitude, sign], dim=-1)
+
+
+EmbeddingLoss = Literal["cross_entropy", "contrastive"]
 
 
 class MetaNetwork(EpisodicModule):
@@ -126,7 +130,7 @@ class MetaNetwork(EpisodicModule):
         representation: nn.Module | None = None,
         hidden: int = 64,
         embedding_dim: int | None = None,
-        embedding_loss: Literal["cross_entropy", "contrastive"] = "cross_entropy",
+        embedding_loss: EmbeddingLoss = "cross_entropy",
         embedding_loss_weight: float = 1.0,
         contrastive_margin: float = 1.0,
         attention_scale: float = 1.0,
@@ -135,21 +139,10 @@ class MetaNetwork(EpisodicModule):
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        for name, value in (("ways", ways), ("hidden", hidden), ("meta_hidden", meta_hidden)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a whole number of 1 or more")
-        if embedding_loss not in ("cross_entropy", "contrastive"):
-            raise ValueError(
-                f"embedding_loss={embedding_loss!r} must be 'cross_entropy' (one shot, as in the paper) or "
-                "'contrastive' (several shots)"
-            )
-        for name, number in (
-            ("embedding_loss_weight", embedding_loss_weight),
-            ("contrastive_margin", contrastive_margin),
-            ("attention_scale", attention_scale),
-        ):
-            if not number >= 0:
-                raise ValueError(f"{name}={number!r} must be 0 or more")
+        check_whole("MetaNetwork", ways=ways, hidden=hidden, meta_hidden=meta_hidden)
+        check_choice("MetaNetwork", "embedding_loss", embedding_loss, EmbeddingLoss)
+        check_number("MetaNetwork", zero_ok=True, embedding_loss_weight=embedding_loss_weight,
+                     contrastive_margin=contrastive_margin, attention_scale=attention_scale)  # fmt: skip
         backbone = backbone if backbone is not None else Conv4()
         dim = embedding_dim or getattr(backbone, "embedding_dim", None)
         if not dim:
@@ -281,8 +274,8 @@ class MetaNetwork(EpisodicModule):
         the base learner's query features ``features`` ``[B, Q, D]`` and ``embedding_loss`` ``[B]``.
         """
         self.check_episode_ways(batch)
-        support_u, query_u = embed_episode(self.representation, batch, False)
-        support_b, query_b = embed_episode(self.backbone, batch, False)
+        support_u, query_u = embed_episode(self.representation, batch)
+        support_b, query_b = embed_episode(self.backbone, batch)
         embedding_loss, gradient = self.representation_gradients(support_u, batch.support_y)
         task_fast = self.generate(gradient, "d")  # Q*: [B, H, D]  (eq. 4)
         keys = layer_augmented(support_u, self.key.weight, task_fast.unsqueeze(1), activation=False)  # eq. 5

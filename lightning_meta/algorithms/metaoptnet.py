@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -12,11 +11,16 @@ from torch import Tensor, nn
 
 from datamodules.episodes import EpisodeBatch, episode_ways
 
+from ..arguments import check_choice, check_number, check_whole
 from ..backbones import Conv4
-from ..base import EpisodicModule, at_least_float32, embed_episode
+from ..bases.episodic import EpisodicModule, at_least_float32, embed_episode
+from ..memory_format import channels_last_argument, channels_last_callbacks
+from ..precision import solver_precision
 from ..solvers import crammer_singer_svm, kernel_ridge
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+HeadKind = Literal["svm", "ridge"]
+SolverDtype = Literal["float32", "float64"]
 
 
 class MetaOptNet(EpisodicModule):
@@ -44,7 +48,8 @@ class MetaOptNet(EpisodicModule):
         label_smoothing: training-only label smoothing as in their ``train.py``: target ``1 - eps``
             on the true class and ``eps / (N - 1)`` on each other (0.1 on mini-ImageNet, section 4.1).
         solver_dtype: precision of the kernel, the solve and the logits ("float64" or "float32").
-        channels_last: channels-last memory format (see :attr:`EpisodicModule.channels_last`).
+        channels_last: deprecated; this module asks the Trainer for the
+            :class:`~lightning_meta.memory_format.ChannelsLast` callback (False here turns that off).
         optimizer: outer optimizer factory (the paper: SGD, Nesterov momentum 0.9, lr 0.1, weight decay 5e-4).
         lr_scheduler: optional scheduler factory, stepped once per epoch.
     """
@@ -52,7 +57,7 @@ class MetaOptNet(EpisodicModule):
     def __init__(
         self,
         backbone: nn.Module | None = None,
-        head: Literal["svm", "ridge"] = "svm",
+        head: HeadKind = "svm",
         C: float = 0.1,
         solver_iters: int = 15,
         solver_iters_eval: int = 3,
@@ -60,41 +65,35 @@ class MetaOptNet(EpisodicModule):
         scale: float = 1.0,
         learn_scale: bool = True,
         label_smoothing: float = 0.0,
-        solver_dtype: Literal["float32", "float64"] = "float64",
-        channels_last: bool = True,
+        solver_dtype: SolverDtype = "float64",
+        channels_last: bool | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        if head not in ("svm", "ridge"):
-            raise ValueError(f"head={head!r} must be 'svm' (MetaOptNet-SVM) or 'ridge' (MetaOptNet-RR)")
-        for name, value in (("C", C), ("ridge_lambda", ridge_lambda), ("scale", scale)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ValueError(
-                    f"{name}={value!r} must be a finite number above 0 (the paper: C=0.1, ridge_lambda=50)"
-                )
-        for name, value in (("solver_iters", solver_iters), ("solver_iters_eval", solver_iters_eval)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(
-                    f"{name}={value!r} must be a whole number of 1 or more (their code: 15 in training, 3 at test)"
-                )
+        check_choice("MetaOptNet", "head", head, HeadKind)
+        check_choice("MetaOptNet", "solver_dtype", solver_dtype, SolverDtype)
+        check_number("MetaOptNet", C=C, ridge_lambda=ridge_lambda, scale=scale)
+        check_whole("MetaOptNet", solver_iters=solver_iters, solver_iters_eval=solver_iters_eval)
         if not 0 <= label_smoothing < 1:
             raise ValueError(f"label_smoothing={label_smoothing!r} must be in [0, 1); the paper uses 0.1")
-        if solver_dtype not in _DTYPES:
-            raise ValueError(f"solver_dtype={solver_dtype!r} must be 'float64' or 'float32'")
         super().__init__(backbone if backbone is not None else Conv4(), optimizer, lr_scheduler)
         self.head, self.C, self.ridge_lambda = head, float(C), float(ridge_lambda)
         self.solver_iters, self.solver_iters_eval = solver_iters, solver_iters_eval
         self.label_smoothing, self.solver_dtype = float(label_smoothing), solver_dtype
         self.scale = nn.Parameter(torch.tensor(float(scale)), requires_grad=learn_scale)
-        self.channels_last = channels_last
+        self.wants_channels_last = channels_last_argument("MetaOptNet", channels_last, True)
+
+    def configure_callbacks(self) -> Any:
+        """Ask the Trainer for :class:`~lightning_meta.memory_format.ChannelsLast` when the module wants it."""
+        return channels_last_callbacks(self, super().configure_callbacks())
 
     def episode_logits(self, batch: EpisodeBatch) -> Tensor:
-        support, query = embed_episode(self.backbone, batch, self.channels_last)
+        support, query = embed_episode(self.backbone, batch)
         dtype = _DTYPES[self.solver_dtype]
         ways = episode_ways(batch)
         # The QP is ill-conditioned near its optimum (multipliers over slacks span 1/eps..eps), so
         # the kernel, the solve and the scores stay in solver_dtype whatever autocast does.
-        with torch.autocast(support.device.type, enabled=False):
+        with solver_precision(support):
             s, q = support.to(dtype), query.to(dtype)
             kernel = s @ s.transpose(1, 2)
             if self.head == "svm":

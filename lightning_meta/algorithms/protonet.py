@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -11,8 +11,12 @@ from torch import Tensor, nn
 
 from datamodules.episodes import EpisodeBatch
 
+from ..arguments import check_choice
 from ..backbones import Conv4
-from ..base import EpisodicModule, embed_episode, support_onehot
+from ..bases.episodic import EpisodicModule, embed_episode, support_onehot
+from ..memory_format import channels_last_argument, channels_last_callbacks
+
+Distance = Literal["euclidean", "cosine"]
 
 
 class ProtoNet(EpisodicModule):
@@ -25,8 +29,8 @@ class ProtoNet(EpisodicModule):
         backbone: embedding network; default ``Conv4(in_channels=1)`` (Omniglot).
         distance: "euclidean" (squared, as in the paper) or "cosine".
         cosine_scale: multiplies cosine similarities, which lie in [-1, 1], before the softmax.
-        channels_last: channels-last memory format for the backbone's weights and the image batches (see
-            :attr:`EpisodicModule.channels_last`); faster for Conv4 on CPU, fp32 and bf16 (benchmarks/RESULTS.md).
+        channels_last: deprecated; this module asks the Trainer for the
+            :class:`~lightning_meta.memory_format.ChannelsLast` callback (False here turns that off).
         optimizer: outer optimizer factory (Adam, lr 1e-3 as in the paper).
         lr_scheduler: optional; the paper halves the learning rate every 2000 episodes.
     """
@@ -34,19 +38,23 @@ class ProtoNet(EpisodicModule):
     def __init__(
         self,
         backbone: nn.Module | None = None,
-        distance: Literal["euclidean", "cosine"] = "euclidean",
+        distance: Distance = "euclidean",
         cosine_scale: float = 10.0,
-        channels_last: bool = True,
+        channels_last: bool | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        if distance not in ("euclidean", "cosine"):
-            raise ValueError(f"distance={distance!r} must be 'euclidean' or 'cosine'")
+        check_choice("ProtoNet", "distance", distance, Distance)
         super().__init__(backbone if backbone is not None else Conv4(), optimizer, lr_scheduler)
-        self.distance, self.cosine_scale, self.channels_last = distance, cosine_scale, channels_last
+        self.distance, self.cosine_scale = distance, cosine_scale
+        self.wants_channels_last = channels_last_argument("ProtoNet", channels_last, True)
+
+    def configure_callbacks(self) -> Any:
+        """Ask the Trainer for :class:`~lightning_meta.memory_format.ChannelsLast` when the module wants it."""
+        return channels_last_callbacks(self, super().configure_callbacks())
 
     def episode_logits(self, batch: EpisodeBatch) -> Tensor:
-        support, query = embed_episode(self.backbone, batch, self.channels_last)
+        support, query = embed_episode(self.backbone, batch)
         onehot = support_onehot(batch, support.dtype)  # [B, NK, N]
         prototypes = onehot.transpose(1, 2) @ support / onehot.sum(1).unsqueeze(-1)  # [B, N, D]
         if self.distance == "cosine":

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from datamodules.episodes import EpisodeBatch
 
 from ..backbones import Conv4
-from ..base import EpisodicModule, embed_episode, support_onehot
+from ..bases.episodic import EpisodicModule, embed_episode, support_onehot
 from ..memory_format import channels_last_argument, channels_last_callbacks
 from ..precision import solver_precision
 from ..solvers import ridge_regression
@@ -79,7 +79,7 @@ class R2D2(EpisodicModule):
         return self.log_lambda.exp()
 
     def episode_logits(self, batch: EpisodeBatch) -> Tensor:
-        support, query = embed_episode(self.backbone, batch, False)  # at least float32
+        support, query = embed_episode(self.backbone, batch)  # at least float32
         with solver_precision(support):
             x = torch.cat([support, torch.ones_like(support[..., :1])], dim=-1)
             y = support_onehot(batch, x.dtype)

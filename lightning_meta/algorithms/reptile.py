@@ -12,10 +12,10 @@ from torch.func import vmap
 
 from datamodules.episodes import EpisodeBatch
 
-from ..base import EpisodeOutput
+from ..bases.episodic import EpisodeOutput
+from ..bases.gradient import GradientModule
 from ..functional import Params, map_tasks, select_params
 from ..inner_optimizers import InnerOptimizer, resolve_inner_optimizer
-from .gradient import GradientModule
 
 
 class Reptile(GradientModule):
@@ -57,7 +57,7 @@ class Reptile(GradientModule):
         outer_lr_anneal: decay epsilon linearly to 0 over the trainer's estimated steps.
         transductive: evaluate queries together (True) or one at a time (False).
         task_batching: "loop", "vmap" or "auto".
-        channels_last: deprecated, see :class:`~lightning_meta.algorithms.gradient.GradientModule`.
+        channels_last: deprecated, see :class:`~lightning_meta.bases.gradient.GradientModule`.
         adaptation_curve: return the query loss along the fine-tuning during validation and test.
         head: an explicit head after the backbone's embedding (the network is backbone then head).
         adapt: the parameters that fine-tune (and move with the meta-update): "all", "head", or name

@@ -1,9 +1,9 @@
 """Meta-RL: the module base, the methods (MAML-RL, RL^2) and their kit: policies, rollouts, advantages, objectives."""
 
+from ..bases.meta_rl import MetaRLModule
 from .callbacks import TrajectoryImages, trajectory_picture
 from .losses import conjugate_gradient, policy_gradient_loss, ppo_clip_loss, ratio_loss, trpo_step
 from .maml_rl import MAMLRL
-from .module import MetaRLModule
 from .policies import CategoricalMLPPolicy, GaussianMLPPolicy, GRUPolicy, Policy, make_policy
 from .returns import check_discounts, discounted_returns, gae, linear_baseline, linear_baseline_features, normalize
 from .rl2 import RL2

@@ -47,7 +47,7 @@ class TrajectoryImages(EpisodeImages):
     a 2D goal, on global rank 0, to TensorBoard loggers, outside the sanity check.
 
     It is the meta-RL kind of :class:`~lightning_meta.callbacks.EpisodeImages`: returned by
-    :meth:`MetaRLModule.configure_callbacks <lightning_meta.rl.module.MetaRLModule.configure_callbacks>`,
+    :meth:`MetaRLModule.configure_callbacks <lightning_meta.bases.meta_rl.MetaRLModule.configure_callbacks>`,
     it replaces the CLI's episode pictures (Lightning replaces a Trainer callback by a module's
     callback of its type), which a batch of task parameters has none of.
 

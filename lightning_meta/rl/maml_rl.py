@@ -14,9 +14,10 @@ from torch.func import vmap
 
 from datamodules.rl.base import TaskEnv
 
-from ..functional import SGD, InnerOptimizer, Params, forward_with, inner_loop, map_tasks
+from ..bases.meta_rl import MetaRLModule, start_timer
+from ..functional import InnerOptimizer, Params, forward_with, inner_loop, map_tasks
+from ..inner_optimizers import resolve_inner_optimizer
 from .losses import ppo_clip_loss, ratio_loss, trpo_step
-from .module import MetaRLModule, start_timer
 from .policies import Policy, make_policy
 from .returns import check_discounts, discounted_returns, gae, linear_baseline, normalize
 from .rollout import Trajectories, rollout
@@ -86,15 +87,11 @@ class MAMLRL(MetaRLModule):
         check_discounts("MAMLRL", gamma, gae_lambda)
         if not max_kl > 0:
             raise ValueError(f"MAMLRL: max_kl={max_kl} must be positive, e.g. 0.01")
-        if inner_optimizer is not None and not isinstance(inner_optimizer, InnerOptimizer):
-            raise ValueError(
-                f"MAMLRL: inner_optimizer={inner_optimizer!r} must be an InnerOptimizer (SGD, MetaSGD, ...)"
-            )
         self.save_hyperparameters(ignore=["inner_optimizer", "optimizer"])
         self.hidden_sizes, self.init_std = list(hidden_sizes), init_std
-        self.trajectories, self.inner_lr = trajectories, inner_lr
+        self.trajectories = trajectories
         self.inner_steps, self.inner_steps_eval, self.first_order = inner_steps, inner_steps_eval, first_order
-        self.inner_optimizer = inner_optimizer if inner_optimizer is not None else SGD(inner_lr)
+        self.inner_optimizer = resolve_inner_optimizer("MAMLRL", inner_optimizer, inner_lr)
         self.outer, self.max_kl, self.damping = outer, max_kl, damping
         self.cg_iterations, self.max_backtracks = cg_iterations, max_backtracks
         self.ppo_epochs, self.ppo_clip, self.gamma, self.gae_lambda = ppo_epochs, ppo_clip, gamma, gae_lambda

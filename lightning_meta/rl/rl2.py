@@ -11,8 +11,8 @@ from torch import Tensor
 
 from datamodules.rl.base import TaskEnv
 
+from ..bases.meta_rl import MetaRLModule, start_timer
 from .losses import ppo_clip_loss
-from .module import MetaRLModule, start_timer
 from .policies import GRUPolicy
 from .returns import check_discounts, gae, normalize
 from .rollout import Feedback, rollout

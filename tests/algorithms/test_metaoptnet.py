@@ -41,7 +41,7 @@ def batch(tasks: int = 2, ways: int = 5, shots: int = 2, queries: int = 3, seed:
 
 def model(**kwargs) -> MetaOptNet:
     torch.manual_seed(0)
-    return MetaOptNet(Flatten(), channels_last=False, **kwargs)
+    return MetaOptNet(Flatten(), **kwargs)
 
 
 def test_svm_logits_are_the_scaled_scores_of_the_support_svm():
@@ -142,7 +142,7 @@ def test_lr_schedule_is_the_papers():
         ({"solver_iters_eval": 1.5}, r"solver_iters_eval=1\.5 must be a whole number"),
         ({"ridge_lambda": -1.0}, r"ridge_lambda=-1\.0 must be"),
         ({"label_smoothing": 1.0}, r"label_smoothing=1\.0 must be in \[0, 1\)"),
-        ({"head": "logistic"}, r"head='logistic' must be 'svm'"),
+        ({"head": "logistic"}, r"head='logistic' must be one of \['svm', 'ridge'\]"),
         ({"solver_dtype": "bfloat16"}, r"solver_dtype='bfloat16' must be"),
     ],
 )

@@ -7,7 +7,7 @@ from episode_factory import make_episodes
 from torch import nn
 
 from datamodules import EpisodeBatch, Omniglot
-from lightning_meta import Conv4, ProtoNet
+from lightning_meta import ChannelsLast, Conv4, ProtoNet
 
 
 def random_batch(tasks=2, ways=3, shots=2, queries=4, dim=5, seed=0):
@@ -77,16 +77,13 @@ def test_validate_then_fit_with_default_trainer(fake_omniglot):
     assert 0 <= before <= 1 and 0 <= trainer.callback_metrics["val/acc"] <= 1
 
 
-def test_channels_last_converts_the_backbone_and_keeps_the_loss():
+def test_channels_last_callback_converts_the_backbone_and_keeps_the_loss():
     torch.manual_seed(0)
     batch = make_episodes(2, 5, 1, 3, (1, 28, 28), 0)
-    fast = ProtoNet(Conv4(1, 8, 28))  # channels-last by default
+    fast = ProtoNet(Conv4(1, 8, 28))  # asks for channels-last by default
     plain = copy.deepcopy(fast)
-    plain.channels_last = False
-    conv = fast.backbone.features[0]
-    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert [type(c) for c in fast.configure_callbacks()] == [ChannelsLast]
+    ChannelsLast.convert(fast)  # what the callback does when the Trainer sets up
     assert not plain.backbone.features[4].weight.is_contiguous(memory_format=torch.channels_last)
     assert fast.backbone.features[4].weight.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(fast.episode_loss(batch)[0], plain.episode_loss(batch)[0], rtol=1e-4, atol=1e-5)
-    fast.channels_last = False
-    assert fast.backbone.features[4].weight.is_contiguous()
