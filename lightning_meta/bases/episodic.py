@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, NamedTuple, cast
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
@@ -17,6 +17,7 @@ from datamodules.episodes import EpisodeBatch, as_episode_batch, episode_ways
 from ..checkpoints import check_class, record_class
 from ..functional import adaptation_curve_steps  # noqa: F401  (re-exported)
 from ..metrics import ConfidenceInterval95, episode_accuracy
+from ..outputs import AdaptationCurve, EpisodeOutput  # noqa: F401  (AdaptationCurve re-exported)
 
 
 def at_least_float32(x: Tensor) -> Tensor:
@@ -42,34 +43,6 @@ def embed_episode(backbone: nn.Module, batch: EpisodeBatch) -> tuple[Tensor, Ten
 def support_onehot(batch: EpisodeBatch, dtype: torch.dtype) -> Tensor:
     """``[B, N*K, N]`` one-hot support labels; ``N`` is the episodes' number of ways (:func:`episode_ways`)."""
     return F.one_hot(batch.support_y, episode_ways(batch)).to(dtype)
-
-
-class AdaptationCurve(NamedTuple):
-    """The query loss of each task along its inner loop, returned by gradient-based algorithms in evaluation.
-
-    Attributes:
-        steps: the inner steps measured (:func:`~lightning_meta.functional.adaptation_curve_steps`).
-        losses: ``[B, len(steps)]`` query loss of each task after those steps (detached); the last
-            column is the loss after all steps.
-    """
-
-    steps: list[int]
-    losses: Tensor
-
-
-class EpisodeOutput(NamedTuple):
-    """What an algorithm returns for a batch of episodes (:meth:`EpisodicModule.episode_loss`).
-
-    Attributes:
-        loss: ``[B]`` per-episode query loss.
-        predictions: ``[B, N*Q, N]`` query logits (``[B, N*Q, D]`` for regression).
-        adaptation: the adaptation curve, for algorithms with an inner loop (logged by
-            :class:`~lightning_meta.callbacks.AdaptationCurveLogger`).
-    """
-
-    loss: Tensor
-    predictions: Tensor
-    adaptation: AdaptationCurve | None = None
 
 
 class EpisodicModule(pl.LightningModule):

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from datamodules.rl.base import TaskDistribution, TaskEnv
 
+from ..callbacks import TrajectoryImages
 from ..metrics import ConfidenceInterval95
 
 
@@ -123,9 +124,6 @@ class MetaRLModule(pl.LightningModule):
 
     def configure_callbacks(self) -> list[pl.Callback]:
         """Pictures of rollouts, which take the place of the episode pictures: a batch of tasks holds no images."""
-        # Imported here: the RL package imports this base, so a top-level import would be circular.
-        from ..rl.callbacks import TrajectoryImages
-
         return [TrajectoryImages()]
 
 
