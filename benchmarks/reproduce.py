@@ -273,6 +273,8 @@ def test_best(config: Path, args: argparse.Namespace, run_dir: Path, ledger: dic
         return
     start = time.perf_counter()
     test_args = ["test", "--config", str(config), *common_args(args, run_dir), "--trainer.logger", "false"]
+    # Without a logger the CLI's config.yaml goes to default_root_dir: the run folder, not the caller's folder.
+    test_args += ["--trainer.default_root_dir", str(run_dir)]
     cli = cli_for([*test_args, "--data.test_episodes", str(args.test_episodes), "--ckpt_path", str(best)])
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("test/")}
     step = int(best.stem.split("step")[-1])
