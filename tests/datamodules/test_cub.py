@@ -85,7 +85,8 @@ def test_download_fetches_the_official_archive_with_its_md5(tmp_path, monkeypatc
     root = tmp_path / "new"
     dm = CUB(root=str(root), download=True)
     dm.prepare_data()
-    assert calls == [(URL, "CUB_200_2011.tgz", MD5)]  # then unpacked by the real extract_archive
+    # Fetched under a temporary name, renamed once checked, then unpacked by the real extract_archive.
+    assert calls == [(URL, ".CUB_200_2011.tgz.part", MD5)] and (root / "CUB_200_2011.tgz").exists()
     assert URL == "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz"
     assert MD5 == "97eceeb196236b17998738112f37df78"
     assert dm.load_split("test").num_classes == 2

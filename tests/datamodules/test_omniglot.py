@@ -132,16 +132,19 @@ def test_download_fetches_the_official_files_with_checksums(tmp_path, monkeypatc
     def fake_download(url, root, filename, md5):
         calls.append((url, filename, md5))
         omniglot_root = Path(__file__).parents[1] / "data" / "omniglot"
-        (Path(root) / filename).write_bytes((omniglot_root / filename).read_bytes())
+        served = filename.removeprefix(".").removesuffix(".part")  # fetched under a temporary name
+        (Path(root) / filename).write_bytes((omniglot_root / served).read_bytes())
 
     monkeypatch.setattr("torchvision.datasets.utils.download_url", fake_download)
     root = tmp_path / "new"
     dm = Omniglot(root=str(root), download=True, rotations=False)
     dm.prepare_data()
     assert calls == [
-        (URL.format("images_background"), "images_background.zip", MD5["images_background"]),
-        (URL.format("images_evaluation"), "images_evaluation.zip", MD5["images_evaluation"]),
+        (URL.format("images_background"), ".images_background.zip.part", MD5["images_background"]),
+        (URL.format("images_evaluation"), ".images_evaluation.zip.part", MD5["images_evaluation"]),
     ]
+    assert (root / "images_background.zip").exists() and (root / "images_evaluation.zip").exists()
+    assert not list(root.glob("*.part"))
     assert URL.startswith("https://raw.githubusercontent.com/brendenlake/omniglot/")
     assert dm.load_split("test").num_classes == 4
     # Present files are not downloaded again.
