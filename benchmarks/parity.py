@@ -641,6 +641,12 @@ def median(values: list[float]) -> float | None:
 
 
 def reference_for(method: str, model: Any, steps: int, dm: Any) -> Reference:
+    from lightning_meta import ChannelsLast
+
+    # The module asks the Trainer for channels-last weights (its configure_callbacks); the reference copies
+    # the weights now, before the Trainer's setup, so give it the same memory format (same rounding).
+    if any(isinstance(c, ChannelsLast) for c in model.configure_callbacks() or []):
+        ChannelsLast.convert(model)
     dm.setup("fit")
     epoch_batches = len(dm.streams["train"]) if "train" in dm.streams else 1
     return REFERENCES[method](model, steps, epoch_batches)
