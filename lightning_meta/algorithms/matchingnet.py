@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -13,7 +11,7 @@ from datamodules.episodes import EpisodeBatch
 
 from ..backbones import Conv4
 from ..bases.episodic import EpisodicModule, embed_episode, support_onehot
-from ..memory_format import channels_last_argument, channels_last_callbacks
+from ..memory_format import channels_last_argument
 
 
 class MatchingNet(EpisodicModule):
@@ -66,10 +64,6 @@ class MatchingNet(EpisodicModule):
                 raise ValueError("fce=True needs embedding_dim= (the backbone's output size)")
             self.support_lstm = nn.LSTM(dim, dim, batch_first=True, bidirectional=True)
             self.query_lstm = nn.LSTMCell(dim, dim)
-
-    def configure_callbacks(self) -> Any:
-        """Ask the Trainer for :class:`~lightning_meta.memory_format.ChannelsLast` when the module wants it."""
-        return channels_last_callbacks(self, super().configure_callbacks())
 
     def full_context(self, support: Tensor, query: Tensor) -> tuple[Tensor, Tensor]:
         """The paper's full context embeddings ``g`` of the support set and ``f`` of the queries."""

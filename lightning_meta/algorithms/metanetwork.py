@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +16,7 @@ from datamodules.episodes import EpisodeBatch, episode_ways
 from ..arguments import check_choice, check_number, check_whole
 from ..backbones import Conv4
 from ..bases.episodic import EpisodeOutput, EpisodicModule, at_least_float32, embed_episode
-from ..memory_format import channels_last_argument, channels_last_callbacks
+from ..memory_format import channels_last_argument
 
 
 def layer_augmented(h: Tensor, slow: Tensor, fast: Tensor | None, activation: bool) -> Tensor:
@@ -170,10 +170,6 @@ class MetaNetwork(EpisodicModule):
         self.d = nn.LSTM(2, meta_hidden, batch_first=True)
         self.d_out = nn.Linear(meta_hidden, 1)
         self.wants_channels_last = channels_last_argument("MetaNetwork", channels_last, True)
-
-    def configure_callbacks(self) -> Any:
-        """Ask the Trainer for :class:`~lightning_meta.memory_format.ChannelsLast` when the module wants it."""
-        return channels_last_callbacks(self, super().configure_callbacks())
 
     # ------------------------------------------------------------------ pieces
     def check_episode_ways(self, batch: EpisodeBatch) -> None:

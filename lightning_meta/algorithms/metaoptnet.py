@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +14,7 @@ from datamodules.episodes import EpisodeBatch, episode_ways
 from ..arguments import check_choice, check_number, check_whole
 from ..backbones import Conv4
 from ..bases.episodic import EpisodicModule, at_least_float32, embed_episode
-from ..memory_format import channels_last_argument, channels_last_callbacks
+from ..memory_format import channels_last_argument
 from ..precision import solver_precision
 from ..solvers import crammer_singer_svm, kernel_ridge
 
@@ -82,10 +82,6 @@ class MetaOptNet(EpisodicModule):
         self.label_smoothing, self.solver_dtype = float(label_smoothing), solver_dtype
         self.scale = nn.Parameter(torch.tensor(float(scale)), requires_grad=learn_scale)
         self.wants_channels_last = channels_last_argument("MetaOptNet", channels_last, True)
-
-    def configure_callbacks(self) -> Any:
-        """Ask the Trainer for :class:`~lightning_meta.memory_format.ChannelsLast` when the module wants it."""
-        return channels_last_callbacks(self, super().configure_callbacks())
 
     def episode_logits(self, batch: EpisodeBatch) -> Tensor:
         support, query = embed_episode(self.backbone, batch)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +14,7 @@ from datamodules.episodes import EpisodeBatch
 from ..arguments import check_choice
 from ..backbones import Conv4
 from ..bases.episodic import EpisodicModule, embed_episode, support_onehot
-from ..memory_format import channels_last_argument, channels_last_callbacks
+from ..memory_format import channels_last_argument
 
 Distance = Literal["euclidean", "cosine"]
 
@@ -48,10 +48,6 @@ class ProtoNet(EpisodicModule):
         super().__init__(backbone if backbone is not None else Conv4(), optimizer, lr_scheduler)
         self.distance, self.cosine_scale = distance, cosine_scale
         self.wants_channels_last = channels_last_argument("ProtoNet", channels_last, True)
-
-    def configure_callbacks(self) -> Any:
-        """Ask the Trainer for :class:`~lightning_meta.memory_format.ChannelsLast` when the module wants it."""
-        return channels_last_callbacks(self, super().configure_callbacks())
 
     def episode_logits(self, batch: EpisodeBatch) -> Tensor:
         support, query = embed_episode(self.backbone, batch)

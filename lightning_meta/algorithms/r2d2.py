@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -13,7 +12,7 @@ from datamodules.episodes import EpisodeBatch
 
 from ..backbones import Conv4
 from ..bases.episodic import EpisodicModule, embed_episode, support_onehot
-from ..memory_format import channels_last_argument, channels_last_callbacks
+from ..memory_format import channels_last_argument
 from ..precision import solver_precision
 from ..solvers import ridge_regression
 
@@ -68,10 +67,6 @@ class R2D2(EpisodicModule):
         self.scale = nn.Parameter(torch.tensor(float(init_scale)))
         self.bias = nn.Parameter(torch.tensor(float(init_bias)))
         self.wants_channels_last = channels_last_argument("R2D2", channels_last, True)
-
-    def configure_callbacks(self) -> Any:
-        """Ask the Trainer for :class:`~lightning_meta.memory_format.ChannelsLast` when the module wants it."""
-        return channels_last_callbacks(self, super().configure_callbacks())
 
     @property
     def lam(self) -> Tensor:

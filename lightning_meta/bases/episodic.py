@@ -16,6 +16,7 @@ from datamodules.episodes import EpisodeBatch, as_episode_batch, episode_ways
 
 from ..checkpoints import check_class, record_class
 from ..functional import adaptation_curve_steps  # noqa: F401  (re-exported)
+from ..memory_format import channels_last_callbacks
 from ..metrics import ConfidenceInterval95, episode_accuracy
 from ..outputs import AdaptationCurve, EpisodeOutput  # noqa: F401  (AdaptationCurve re-exported)
 
@@ -74,6 +75,8 @@ class EpisodicModule(pl.LightningModule):
 
     #: True for algorithms that take gradients at validation and test time (MAML, Reptile).
     needs_grad_in_eval: bool = False
+    #: True asks the Trainer for channels-last weights (:class:`~lightning_meta.memory_format.ChannelsLast`).
+    wants_channels_last: bool = False
 
     def __init__(
         self,
@@ -209,6 +212,10 @@ class EpisodicModule(pl.LightningModule):
                 f"{type(self).__name__} adapts with gradients during validation and test, which inference mode "
                 "forbids; create the Trainer with inference_mode=False (the lightning-meta CLI does this)"
             )
+
+    def configure_callbacks(self) -> Any:
+        """Ask the Trainer for :class:`~lightning_meta.memory_format.ChannelsLast` when the module wants it."""
+        return channels_last_callbacks(self, super().configure_callbacks())
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameters())

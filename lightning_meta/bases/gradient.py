@@ -29,7 +29,7 @@ from ..functional import (
 )  # fmt: skip
 from ..functional import select_params as select
 from ..inner_optimizers import current_lr
-from ..memory_format import channels_last_argument, channels_last_callbacks
+from ..memory_format import channels_last_argument
 from ..task_batched import TaskBatched, check_task_batchable, expand_tasks, together
 from .episodic import AdaptationCurve, EpisodeOutput, EpisodicModule
 
@@ -123,10 +123,6 @@ class GradientModule(EpisodicModule):
         inner_optimizer.bind(select(self.network, adapt))  # also checks `adapt` now, not at the first batch
         if task_batching == "batched":
             self.check_batchable()
-
-    def configure_callbacks(self) -> Any:
-        """Ask the Trainer for :class:`~lightning_meta.memory_format.ChannelsLast` when the module wants it."""
-        return channels_last_callbacks(self, super().configure_callbacks())
 
     # ------------------------------------------------------------------ the network and the inner loop
     @property

@@ -24,7 +24,7 @@ from ..arguments import check_number, check_whole
 from ..backbones import Conv4
 from ..functional import inner_loop
 from ..inner_optimizers import Momentum
-from ..memory_format import channels_last_argument, channels_last_callbacks
+from ..memory_format import channels_last_argument
 from ..precision import solver_precision
 from .episodic import EpisodicModule, at_least_float32, embed_episode
 
@@ -96,10 +96,6 @@ class PretrainedModule(EpisodicModule):
         self.classifier: nn.Module | None = None
         if num_classes is not None:
             self._build_classifier(num_classes)
-
-    def configure_callbacks(self) -> Any:
-        """Ask the Trainer for :class:`~lightning_meta.memory_format.ChannelsLast` when the module wants it."""
-        return channels_last_callbacks(self, super().configure_callbacks())
 
     # ------------------------------------------------------------------ hooks of the methods
     def make_classifier(self, num_classes: int) -> nn.Module:
